@@ -1,0 +1,239 @@
+"""VMC-side device logic shared by every MDB peripheral class.
+
+A device owns its state and its time: it brings the peripheral through the start-up sequence
+(../shared/reference/mdb.md "Start-up of every device"), polls it at its cadence, notices when it
+falls silent for longer than its non-response time, and starts it up again when it answers.
+Subclasses (coin changer, bill validator, cashless reader) supply the device-specific steps:
+``initialise`` (SETUP, EXPANSION ID, FEATURE ENABLE, ...), ``parse_poll`` and ``apply_enable``.
+
+States change only through ``_set_state`` so every change is logged and reported once.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from drivers.errors import MdbError
+from drivers.mdb.master import BusMaster, Priority, Reply
+
+log = logging.getLogger("drivers.mdb.device")
+
+#: MDB 4.2 §2.3 / mdb.md "Cadence": after a RESET, real VMCs wait about 500 ms before polling.
+RESET_SETTLE_S = 0.5
+#: How long start-up keeps polling for JUST RESET after RESET before giving up on this attempt.
+JUST_RESET_WAIT_S = 2.0
+#: Pause between start-up attempts of a device that does not answer (keeps the bus free).
+OFFLINE_RETRY_S = 1.0
+
+
+class DeviceState(enum.Enum):
+    OFFLINE = "offline"  # not answering (or never seen)
+    STARTING = "starting"  # RESET sent, start-up sequence running
+    READY = "ready"  # started up; polled; may be enabled or disabled
+    FAULT = "fault"  # answering but reporting a fault that stops it working
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEvent:
+    """Base of everything a device reports upwards. ``device`` is the device's name."""
+
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class StateChanged(DeviceEvent):
+    state: DeviceState
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class JustReset(DeviceEvent):
+    """The peripheral reports it has reset (it forgot its set-up: redo start-up)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReported(DeviceEvent):
+    """A status item from a POLL reply that is not money (jam, busy, disabled, ...)."""
+
+    code: int
+    text: str
+    fault: bool = False
+
+
+@dataclass(slots=True)
+class DeviceInfo:
+    """What start-up learned; subclasses fill ``details`` (level, scaling, coin values, ...)."""
+
+    level: int = 0
+    manufacturer: str = ""
+    serial: str = ""
+    model: str = ""
+    version: int = 0
+    details: dict[str, object] = field(default_factory=dict)
+
+
+EventSink = Callable[[DeviceEvent], None]
+Clock = Callable[[], float]
+
+
+class MdbDevice(abc.ABC):
+    """One MDB peripheral as seen from the VMC.
+
+    ``run()`` is the device's supervisor loop; cancel it to stop. Commands from the vend cycle
+    (``dispense``, ``escrow`` ...) are subclass methods that go through ``request`` and so
+    share the one bus with the polling.
+    """
+
+    NAME: ClassVar[str]
+    ADDRESS: ClassVar[int]
+    #: Command offsets common to every device class (MDB 4.2 §5, §6, §7: RESET is cmd 0).
+    RESET_CMD: ClassVar[int] = 0x00
+    POLL_CMD: ClassVar[int]
+    #: Non-response time: silent longer than this, the device counts as gone.
+    NON_RESPONSE_S: ClassVar[float]
+    #: Treat a POLL reply identical to the one just acknowledged as the peripheral's
+    #: retransmission after it missed our ACK (mdb.md "Wire": deduplicate).
+    IGNORE_DUPLICATE_POLLS: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        master: BusMaster,
+        *,
+        poll_interval_s: float,
+        on_event: EventSink,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.master = master
+        self.poll_interval_s = poll_interval_s
+        self._on_event = on_event
+        self._clock = clock
+        self.state = DeviceState.OFFLINE
+        self.info = DeviceInfo()
+        self.enabled_wanted = False
+        self._enabled_applied: bool | None = None
+        self._last_answer = clock()
+        self._reported_offline = False
+
+    # --- for subclasses ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def initialise(self) -> None:
+        """Everything after JUST RESET up to (not including) enable: SETUP, EXPANSION ID, ..."""
+
+    @abc.abstractmethod
+    def parse_poll(self, data: bytes) -> list[DeviceEvent]:
+        """Decode a POLL data reply into events. Must return a ``JustReset`` for JUST RESET."""
+
+    @abc.abstractmethod
+    async def apply_enable(self, enabled: bool) -> None:
+        """Send the command that enables or disables accepting (COIN TYPE, BILL TYPE, READER)."""
+
+    async def after_poll(self) -> None:  # noqa: B027 - optional hook
+        """Called after every successful POLL (e.g. TUBE STATUS refresh after deposits)."""
+
+    # --- shared mechanics ----------------------------------------------------------------
+
+    def emit(self, event: DeviceEvent) -> None:
+        self._on_event(event)
+
+    async def request(
+        self,
+        command: int,
+        data: bytes = b"",
+        *,
+        priority: Priority = Priority.COMMAND,
+        max_attempts: int | None = None,
+    ) -> Reply:
+        """One exchange with this device; marks it alive when it answers."""
+        reply = await self.master.request(
+            self.ADDRESS | command, data, priority=priority, max_attempts=max_attempts
+        )
+        self._last_answer = self._clock()
+        return reply
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Ask for accepting on/off; applied by the supervisor loop at its next turn."""
+        self.enabled_wanted = enabled
+
+    def _set_state(self, state: DeviceState, detail: str = "") -> None:
+        if state is self.state:
+            return
+        log.info("%s: %s -> %s %s", self.NAME, self.state.value, state.value, detail)
+        self.state = state
+        self.emit(StateChanged(self.NAME, state, detail))
+
+    async def start_up(self) -> None:
+        """RESET, POLL until JUST RESET, then the device's own initialisation and enable."""
+        self._set_state(DeviceState.STARTING)
+        await self.request(self.RESET_CMD, priority=Priority.RESET)
+        await asyncio.sleep(RESET_SETTLE_S)
+        deadline = self._clock() + JUST_RESET_WAIT_S
+        while True:
+            reply = await self.request(self.POLL_CMD, priority=Priority.POLL)
+            if reply.data and any(isinstance(e, JustReset) for e in self.parse_poll(reply.data)):
+                break
+            if self._clock() > deadline:
+                # Some peripherals do not report JUST RESET to a RESET command; go on.
+                log.warning("%s: no JUST RESET after RESET; continuing start-up", self.NAME)
+                break
+            await asyncio.sleep(self.poll_interval_s)
+        await self.initialise()
+        self._enabled_applied = None
+        await self._apply_wanted_enable()
+        self._set_state(DeviceState.READY)
+
+    async def _apply_wanted_enable(self) -> None:
+        if self._enabled_applied is not self.enabled_wanted:
+            wanted = self.enabled_wanted
+            await self.apply_enable(wanted)
+            self._enabled_applied = wanted
+
+    async def poll_once(self) -> list[DeviceEvent]:
+        reply = await self.request(self.POLL_CMD, priority=Priority.POLL)
+        if not reply.data or (reply.duplicate and self.IGNORE_DUPLICATE_POLLS):
+            return []
+        return self.parse_poll(reply.data)
+
+    async def run(self) -> None:
+        """Supervisor loop: start up, poll at cadence, drop to OFFLINE when silent, restart."""
+        while True:
+            try:
+                if self.state in (DeviceState.OFFLINE, DeviceState.STARTING):
+                    await self.start_up()
+                    self._reported_offline = False
+                    continue
+                events = await self.poll_once()
+                restart = False
+                for event in events:
+                    if isinstance(event, JustReset):
+                        restart = True
+                    else:
+                        self.emit(event)
+                if restart:
+                    log.warning("%s: JUST RESET while running; starting up again", self.NAME)
+                    self.emit(JustReset(self.NAME))
+                    self._set_state(DeviceState.STARTING, "peripheral reset itself")
+                    continue
+                await self._apply_wanted_enable()
+                await self.after_poll()
+                await asyncio.sleep(self.poll_interval_s)
+            except MdbError as exc:
+                silent_for = self._clock() - self._last_answer
+                if self.state is DeviceState.READY and silent_for < self.NON_RESPONSE_S:
+                    log.debug("%s: %s (silent %.2f s)", self.NAME, exc, silent_for)
+                    await asyncio.sleep(self.poll_interval_s)
+                    continue
+                if not self._reported_offline:
+                    log.warning("%s: offline: %s", self.NAME, exc)
+                    self._reported_offline = True
+                else:
+                    log.debug("%s: still offline: %s", self.NAME, exc)
+                self._set_state(DeviceState.OFFLINE, str(exc))
+                await asyncio.sleep(OFFLINE_RETRY_S)
