@@ -1,0 +1,148 @@
+"""A control socket for simulators running as their own process.
+
+JSON lines over a unix socket: each request is one JSON object on a line, each answer one JSON
+object on a line: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``.
+
+Requests:
+* ``{"cmd": "status"}`` / ``{"cmd": "ledger"}``: every device's status / ledger, by name;
+* ``{"device": NAME, "cmd": "fault", <Faults fields>}``: set faults (``garbage`` as hex);
+* ``{"device": NAME, "cmd": "reset_itself"}``: an unsolicited reset;
+* ``{"device": NAME, "cmd": ..., ...}``: anything else goes to that device's ``control``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import socketserver
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hil.sim.peripheral import Faults, SimPeripheral
+
+#: Longest request line accepted (a control request is small).
+MAX_REQUEST_BYTES = 64 * 1024
+CLIENT_TIMEOUT_S = 5.0
+
+
+def apply_faults(faults: Faults, request: dict[str, Any]) -> None:
+    for key, value in request.items():
+        if key in ("cmd", "device"):
+            continue
+        if key not in Faults.__dataclass_fields__:
+            raise KeyError(f"unknown fault {key!r}")
+        if key == "garbage":
+            value = bytes.fromhex(value)
+        setattr(faults, key, type(getattr(faults, key))(value))
+
+
+def dispatch(peripherals: list[SimPeripheral], request: dict[str, Any]) -> Any:
+    cmd = request.get("cmd")
+    if cmd == "status":
+        return {p.NAME: p.status() for p in peripherals}
+    if cmd == "ledger":
+        return {p.NAME: p.ledger() for p in peripherals}
+    name = request.get("device")
+    matches = [p for p in peripherals if name == p.NAME]
+    if not matches:
+        raise KeyError(f"no simulated device named {name!r}")
+    device = matches[0]
+    with device.lock:
+        if cmd == "fault":
+            apply_faults(device.faults, request)
+            return device.faults.as_dict()
+        if cmd == "reset_itself":
+            device.reset_itself()
+            return {}
+        return device.control(request)
+
+
+Handler = Callable[[dict[str, Any]], Any]
+
+
+class ControlServer:
+    """Serves JSON-line control requests on a unix socket, one thread per client."""
+
+    def __init__(self, path: Path | str, handler: Handler) -> None:
+        self.path = Path(path)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        outer = self
+
+        class _Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                for line in self.rfile:
+                    if len(line) > MAX_REQUEST_BYTES:
+                        answer: dict[str, Any] = {"ok": False, "error": "request too long"}
+                    else:
+                        answer = outer._answer(line)
+                    self.wfile.write(json.dumps(answer).encode() + b"\n")
+                    self.wfile.flush()
+
+        self._handler = handler
+        self._server = socketserver.ThreadingUnixStreamServer(str(self.path), _Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="sim-control", daemon=True
+        )
+
+    def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ValueError("a request is a JSON object")
+            return {"ok": True, "result": self._handler(request)}
+        except Exception as exc:  # any bad request gets an answer, never kills the server
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class ControlClient:
+    """Blocking client for a simulator's control socket (tests, the rig, the daemon)."""
+
+    def __init__(self, path: Path | str, timeout_s: float = CLIENT_TIMEOUT_S) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout_s)
+        self._sock.connect(str(path))
+        self._file = self._sock.makefile("rwb")
+
+    def call(self, request: dict[str, Any]) -> Any:
+        self._file.write(json.dumps(request).encode() + b"\n")
+        self._file.flush()
+        line = self._file.readline()
+        if not line:
+            raise ConnectionError("simulator control socket closed")
+        answer = json.loads(line)
+        if not answer.get("ok"):
+            raise RuntimeError(answer.get("error", "simulator refused the request"))
+        return answer.get("result")
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_link_file(path: Path | str, port: str) -> None:
+    """Publish the port path atomically, so a reader never sees half a name."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(port + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,122 @@
+"""The ``vmc`` command: ``vmc run``, ``vmc check-config``, ``vmc journal ...``, ``vmc --version``.
+
+Exit codes: 0 success, 2 bad configuration or usage (argparse uses 2 too), otherwise whatever
+the daemon returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from vmc.config import LOG_FORMATS, LOG_LEVELS, Config, load_config
+from vmc.errors import ConfigError
+
+__all__ = ["EXIT_CONFIG", "EXIT_INTERRUPTED", "EXIT_OK", "build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
+
+# Optional command groups: module name and the function that adds its sub-commands.
+_PLUGINS = (("vmc.journal.cli", "add_journal_commands"),)
+
+
+def _package_version() -> str:
+    try:
+        return version("vmc")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def _report_config_error(error: ConfigError) -> int:
+    print(f"config error: {error}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as error:
+        return _report_config_error(error)
+    print(json.dumps(config.redacted(), indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        return _report_config_error(error)
+    # Deferred import: configure logging first, and keep check-config free of the daemon.
+    from vmc.log import configure_logging
+
+    configure_logging(args.log_level or config.log.level, args.log_format or config.log.format)
+    # The daemon module is imported by name so this file type-checks on its own; its contract
+    # is ``async def run(config: Config) -> int``.
+    daemon = importlib.import_module("vmc.daemon")
+    run_daemon: Callable[[Config], Coroutine[Any, Any, int]] = daemon.run
+    try:
+        return asyncio.run(run_daemon(config))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _add_plugins(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for module_name, function_name in _PLUGINS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            # Only a missing plugin module is tolerated; a broken one must be seen.
+            parts = module_name.split(".")
+            if error.name not in {".".join(parts[:n]) for n in range(2, len(parts) + 1)}:
+                raise
+            continue
+        add_commands: Callable[[argparse._SubParsersAction[Any]], None] = getattr(
+            module, function_name
+        )
+        add_commands(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``vmc`` command, with every available sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="vmc", description="Controller daemon for smart vending machines."
+    )
+    parser.add_argument("--version", action="version", version=f"vmc {_package_version()}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = subparsers.add_parser("run", help="run the daemon", description="Run the daemon.")
+    run.add_argument("--config", required=True, type=Path, metavar="FILE", help="TOML file")
+    run.add_argument("--log-level", choices=LOG_LEVELS, help="override log.level")
+    run.add_argument("--log-format", choices=LOG_FORMATS, help="override log.format")
+    run.set_defaults(handler=_cmd_run)
+
+    check = subparsers.add_parser(
+        "check-config",
+        help="validate a configuration file",
+        description=(
+            "Validate a configuration file and print the effective configuration as JSON, "
+            "secrets redacted. Exits 2 on the first problem, naming the key."
+        ),
+    )
+    check.add_argument("file", type=Path, metavar="FILE", help="TOML file")
+    check.set_defaults(handler=_cmd_check_config)
+
+    _add_plugins(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``vmc`` command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)

@@ -1,0 +1,280 @@
+"""Logging for the daemon: structlog in ``vmc``, stdlib ``logging`` in ``drivers``, one output.
+
+Both kinds of record end in the same handler on the root logger and are rendered the same way:
+one JSON object per line (``ts`` RFC 3339 UTC with milliseconds, ``level``, ``logger``,
+``event``, then the event's own fields), or a readable console line on a terminal.
+
+A TRACE level (5, below DEBUG) carries raw bus bytes. structlog's bound logger has no
+``trace`` method and its level table stops at DEBUG, so ``vmc`` code uses :func:`trace` or
+``logger.trace(...)`` on a logger from :func:`get_logger`; ``drivers`` code uses
+``logging.getLogger(__name__).log(TRACE, ...)`` (``drivers`` must not import this module, so
+it defines the number 5 itself).
+
+Rendering happens in the calling thread (so the timestamp and the fields are those of the
+moment of the call); writing to stdout happens in a listener thread, so a slow consumer of
+stdout (journald under load, a paused terminal) never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import logging.handlers
+import queue
+import sys
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, cast
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+__all__ = [
+    "LEVELS",
+    "TRACE",
+    "VmcLogger",
+    "configure_logging",
+    "get_logger",
+    "shutdown_logging",
+    "trace",
+]
+
+TRACE = 5
+LEVELS: Mapping[str, int] = {
+    "trace": TRACE,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+FORMATS = ("auto", "json", "console")
+
+# Level numbers of every method name a processor can see, TRACE included.
+_METHOD_LEVELS: Mapping[str, int] = {
+    **LEVELS,
+    "warn": logging.WARNING,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
+_FIRST_KEYS = ("ts", "level", "logger", "event")
+
+logging.addLevelName(TRACE, "TRACE")
+
+
+class VmcLogger(structlog.stdlib.BoundLogger):
+    """A structlog stdlib bound logger that also knows the TRACE level."""
+
+    def trace(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        """Log at TRACE (5): raw bytes and per-exchange detail."""
+        if args:
+            kw["positional_args"] = args
+        try:
+            pargs, pkw = self._process_event("trace", event, kw)
+        except structlog.DropEvent:
+            return None
+        # logging.Logger has no trace(); log() with the number reaches the same handlers.
+        return self._logger.log(TRACE, *pargs, **pkw)
+
+    def log(self, level: int, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        """Log at a numeric level; TRACE is accepted too."""
+        if level == TRACE:
+            return self.trace(event, *args, **kw)
+        return super().log(level, event, *args, **kw)
+
+
+def get_logger(name: str) -> VmcLogger:
+    """A logger named ``name`` (use the module's ``__name__``)."""
+    return cast(VmcLogger, structlog.get_logger(name))
+
+
+def trace(logger: VmcLogger | logging.Logger, event: str, **fields: Any) -> None:
+    """Log ``event`` at TRACE on a structlog or a stdlib logger."""
+    if isinstance(logger, logging.Logger):
+        if logger.isEnabledFor(TRACE):
+            logger.log(TRACE, event, extra=fields)
+        return
+    logger.trace(event, **fields)
+
+
+# --------------------------------------------------------------------------------------------
+# Processors
+# --------------------------------------------------------------------------------------------
+
+
+def _drop_below_level(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    # structlog's filter_by_level looks levels up in a table without TRACE; this one has it.
+    stdlib_logger = cast(logging.Logger, logger)
+    level = _METHOD_LEVELS.get(method_name, logging.INFO)
+    if stdlib_logger.disabled or level < stdlib_logger.getEffectiveLevel():
+        raise structlog.DropEvent
+    return event_dict
+
+
+def _rfc3339_ms(seconds: float) -> str:
+    stamp = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+def _add_timestamp(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    record = event_dict.get("_record")
+    created = record.created if isinstance(record, logging.LogRecord) else time.time()
+    event_dict["ts"] = _rfc3339_ms(created)
+    return event_dict
+
+
+def _add_level(_logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    record = event_dict.get("_record")
+    if isinstance(record, logging.LogRecord) and not event_dict.get("_from_structlog"):
+        # A stdlib record: its own level name (TRACE included once addLevelName ran).
+        event_dict["level"] = record.levelname.lower()
+    else:
+        event_dict["level"] = {"warn": "warning", "exception": "error"}.get(
+            method_name, method_name
+        )
+    return event_dict
+
+
+def _order_keys(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    ordered: dict[str, Any] = {key: event_dict[key] for key in _FIRST_KEYS if key in event_dict}
+    ordered.update((key, value) for key, value in event_dict.items() if key not in ordered)
+    return ordered
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex(" ")
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return repr(value)
+
+
+_SHARED: list[Processor] = [
+    structlog.stdlib.add_logger_name,
+    _add_level,
+    _add_timestamp,
+]
+
+_STRUCTLOG_CHAIN: list[Processor] = [
+    _drop_below_level,
+    structlog.contextvars.merge_contextvars,
+    *_SHARED,
+    structlog.stdlib.PositionalArgumentsFormatter(),
+    structlog.processors.StackInfoRenderer(),
+    structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+]
+
+_FOREIGN_CHAIN: list[Processor] = [
+    *_SHARED,
+    structlog.stdlib.ExtraAdder(),
+]
+
+
+def _formatter(fmt: str, colors: bool) -> structlog.stdlib.ProcessorFormatter:
+    renderer: list[Processor]
+    if fmt == "json":
+        renderer = [
+            structlog.processors.format_exc_info,
+            _order_keys,
+            structlog.processors.JSONRenderer(default=_json_default),
+        ]
+    else:
+        renderer = [structlog.dev.ConsoleRenderer(colors=colors, timestamp_key="ts")]
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_FOREIGN_CHAIN,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Handlers
+# --------------------------------------------------------------------------------------------
+
+
+class _RenderingQueueHandler(logging.handlers.QueueHandler):
+    """Renders the record in the caller's thread and queues the finished line."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        prepared: logging.LogRecord = super().prepare(record)
+        # The rendered line already holds any stack; do not let the writer add it again.
+        prepared.stack_info = None
+        return prepared
+
+
+class _State:
+    listener: logging.handlers.QueueListener | None = None
+    handler: logging.Handler | None = None
+    atexit_registered = False
+
+
+def shutdown_logging() -> None:
+    """Write out every queued line and stop the writer thread (also runs at exit)."""
+    listener, _State.listener = _State.listener, None
+    handler, _State.handler = _State.handler, None
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    if listener is not None:
+        listener.stop()
+        for target in listener.handlers:
+            target.flush()
+
+
+def configure_logging(level: str, fmt: str, *, stream: IO[str] | None = None) -> None:
+    """Send every log record (structlog and stdlib) to ``stream`` (default stdout).
+
+    ``level`` is one of ``trace``, ``debug``, ``info``, ``warning``, ``error``; ``fmt`` is
+    ``json``, ``console`` or ``auto`` (console when ``stream`` is a terminal, JSON otherwise).
+    Calling it again replaces the previous set-up.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    out = stream if stream is not None else sys.stdout
+    is_tty = _isatty(out)
+    resolved = ("console" if is_tty else "json") if fmt == "auto" else fmt
+
+    shutdown_logging()
+    structlog.configure(
+        processors=_STRUCTLOG_CHAIN,
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=VmcLogger,
+        # Not cached: a module-level logger used before configure_logging must not keep the
+        # defaults it saw then.
+        cache_logger_on_first_use=False,
+    )
+
+    writer = logging.StreamHandler(out)
+    writer.setFormatter(logging.Formatter("%(message)s"))
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    handler = _RenderingQueueHandler(lines)
+    handler.setFormatter(_formatter(resolved, colors=is_tty))
+    listener = logging.handlers.QueueListener(lines, writer, respect_handler_level=False)
+
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        # Ours replaces whatever basicConfig or a library installed, so nothing prints twice.
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(LEVELS[level])
+    logging.captureWarnings(True)
+
+    _State.listener = listener
+    _State.handler = handler
+    listener.start()
+    if not _State.atexit_registered:
+        atexit.register(shutdown_logging)
+        _State.atexit_registered = True
+
+
+def _isatty(stream: IO[str]) -> bool:
+    isatty: Callable[[], bool] | None = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if isatty is not None else False
+    except ValueError:  # a closed stream
+        return False
