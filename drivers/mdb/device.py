@@ -158,6 +158,11 @@ class MdbDevice(abc.ABC):
         self._last_answer = self._clock()
         return reply
 
+    @property
+    def accepting(self) -> bool:
+        """The device was last told to accept (enable applied), and is started up."""
+        return self.state is DeviceState.READY and self._enabled_applied is True
+
     def set_enabled(self, enabled: bool) -> None:
         """Ask for accepting on/off; applied by the supervisor loop at its next turn."""
         self.enabled_wanted = enabled

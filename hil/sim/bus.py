@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from drivers.mdb.block import (
     ACK,
-    BadCommand,
+    CommandEvent,
     CommandFramer,
     CommandReceived,
     ControlReceived,
@@ -172,37 +172,39 @@ class SimBus:
 
     def _on_bytes(self, data: bytes) -> None:
         now = time.perf_counter_ns()
-        items = self._decoder.feed(data)
-        for address, framer in self._framers.items():
-            peripheral = self._by_address[address]
-            for event in framer.feed(items):
-                if isinstance(event, ControlReceived):
-                    if peripheral is not self._awaiting:
-                        continue
-                    if (
-                        self.record_samples
-                        and event.value == ACK
-                        and self._reply_done_ns
-                        and len(self.samples.ack_turnaround_ns) < MAX_SAMPLES
-                    ):
-                        self.samples.ack_turnaround_ns.append(now - self._reply_done_ns)
-                    self._reply_done_ns = 0
-                    if peripheral.faults.unplugged:
-                        continue
-                    resend = peripheral.control_word(event.value)
-                    if event.value != ACK:
-                        if resend is not None:
-                            self._send(peripheral, resend)
-                    else:
-                        self._awaiting = None
-                elif isinstance(event, CommandReceived):
-                    if self.record_samples and len(self.samples.command_arrival_ns) < MAX_SAMPLES:
-                        self.samples.command_arrival_ns.append(now)
-                    self._on_command(peripheral, event)
-                elif isinstance(event, BadCommand):
-                    # A real peripheral ignores a block it cannot check; the VMC times out and
-                    # sends it again.
-                    pass
+        # Word by word, every framer in turn: an ACK for one peripheral and the next command
+        # for another often arrive in one read, and must be handled in the order sent.
+        for item in self._decoder.feed(data):
+            for address, framer in self._framers.items():
+                for event in framer.feed((item,)):
+                    self._on_event(self._by_address[address], event, now)
+
+    def _on_event(self, peripheral: SimPeripheral, event: CommandEvent, now: int) -> None:
+        if isinstance(event, ControlReceived):
+            if peripheral is not self._awaiting:
+                return
+            if (
+                self.record_samples
+                and event.value == ACK
+                and self._reply_done_ns
+                and len(self.samples.ack_turnaround_ns) < MAX_SAMPLES
+            ):
+                self.samples.ack_turnaround_ns.append(now - self._reply_done_ns)
+            self._reply_done_ns = 0
+            if peripheral.faults.unplugged:
+                return
+            resend = peripheral.control_word(event.value)
+            if event.value != ACK:
+                if resend is not None:
+                    self._send(peripheral, resend)
+            else:
+                self._awaiting = None
+        elif isinstance(event, CommandReceived):
+            if self.record_samples and len(self.samples.command_arrival_ns) < MAX_SAMPLES:
+                self.samples.command_arrival_ns.append(now)
+            self._on_command(peripheral, event)
+        # BadCommand: a real peripheral ignores a block it cannot check; the VMC times out and
+        # sends it again.
 
     def _on_command(self, peripheral: SimPeripheral, command: CommandReceived) -> None:
         faults = peripheral.faults
