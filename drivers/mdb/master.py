@@ -60,6 +60,9 @@ MAX_RET_PER_ATTEMPT = 2
 #: Attempts per request (first send + retransmissions) before NoResponse / NakReceived. The
 #: device's non-response time (2 s coin, 5 s bill) decides when it is gone, not this.
 DEFAULT_MAX_ATTEMPTS = 3
+#: Longest drain after a timed-out attempt, in first-word timeouts (a peripheral still
+#: sending a long late reply at 9600 baud needs up to 36 word times).
+MAX_DRAIN_FACTOR = 8
 #: Upper bound for one request from submission to result: queueing behind other devices'
 #: exchanges plus every attempt's timeouts. Only a dead line thread can reach it.
 REQUEST_DEADLINE_S = 2.0
@@ -214,7 +217,11 @@ class BusMaster:
             _Request(int(priority), next(self._seq), addr_cmd, data, attempts, future, loop)
         )
         try:
-            return await asyncio.wait_for(asyncio.shield(future), REQUEST_DEADLINE_S)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that lands in the same loop turn as the result, and a cancelled device task would
+            # then go on polling.
+            async with asyncio.timeout(REQUEST_DEADLINE_S):
+                return await asyncio.shield(future)
         except TimeoutError as exc:
             future.cancel()
             raise NoResponse(address_of(addr_cmd), 0) from exc
@@ -346,9 +353,23 @@ class BusMaster:
                 continue
             self.stats.timeouts += 1
             log.debug("mdb 0x%02X: no valid reply (attempt %d): %s", address, attempt, event)
+            # A reply that comes after its deadline must not be read as the answer to the
+            # retransmission (or to the next command): wait for the line to go quiet first.
+            self.stats.stale_bytes += self._drain_until_quiet()
         if naks == max_attempts:
             raise NakReceived(address, max_attempts)
         raise NoResponse(address, max_attempts)
+
+    def _drain_until_quiet(self) -> int:
+        """Read and drop bytes until none arrived for one inter-word timeout (bounded)."""
+        dropped = 0
+        deadline = time.monotonic() + self.timing.first_word_s * MAX_DRAIN_FACTOR
+        while time.monotonic() < deadline:
+            chunk = self.link.read(self.timing.next_word_s)
+            if not chunk:
+                break
+            dropped += len(chunk)
+        return dropped
 
     def _read_reply(self) -> ReplyEvent | None:
         """Wait for one reply: its first word within t-response, each next within the
