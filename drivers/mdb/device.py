@@ -231,7 +231,8 @@ class MdbDevice(abc.ABC):
                 await asyncio.sleep(self.poll_interval_s)
             except MdbError as exc:
                 silent_for = self._clock() - self._last_answer
-                if self.state is DeviceState.READY and silent_for < self.NON_RESPONSE_S:
+                alive = self.state in (DeviceState.READY, DeviceState.FAULT)
+                if alive and silent_for < self.NON_RESPONSE_S:
                     log.debug("%s: %s (silent %.2f s)", self.NAME, exc, silent_for)
                     await asyncio.sleep(self.poll_interval_s)
                     continue

@@ -159,7 +159,9 @@ class BusMaster:
         self._stopping = threading.Event()
         self._decoder = WordDecoder()
         self._framer = ReplyFramer()
-        # Per address: the last command sent and the last data it answered, for duplicates.
+        # Per address: the last command sent and the data it answered, for duplicates. Only a
+        # repeat of the very previous exchange counts: the same event can legitimately come
+        # again after other commands (two VEND DENIED for two requests).
         self._last_exchange: dict[int, tuple[int, bytes]] = {}
         self._saved_switch_interval: float | None = None
 
@@ -289,6 +291,8 @@ class BusMaster:
     def _exchange(self, addr_cmd: int, data: bytes, max_attempts: int) -> Reply:
         block = command_block(addr_cmd, data)
         address = address_of(addr_cmd)
+        if addr_cmd == address:  # RESET (command 0): whatever the device said before is gone
+            self._last_exchange.pop(address, None)
         naks = 0
         self.stats.exchanges += 1
         tracing = log.isEnabledFor(TRACE)
@@ -321,8 +325,7 @@ class BusMaster:
                 reply_ns = time.perf_counter_ns()
                 self.link.send_control(ACK)  # at once: before anything else looks at the data
                 ack_ns = time.perf_counter_ns()
-                previous = self._last_exchange.get(address)
-                duplicate = previous == (addr_cmd, event.data)
+                duplicate = self._last_exchange.get(address) == (addr_cmd, event.data)
                 self._last_exchange[address] = (addr_cmd, event.data)
                 if duplicate:
                     self.stats.duplicates += 1
