@@ -1,0 +1,211 @@
+"""End to end: the daemon as a subprocess, the simulated coin changer, bill validator and motor
+board as real processes on ptys, driven through their own controls and the daemon's control
+interface; results checked against the simulators' ledgers and the journal."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon_harness import Daemon, journal_records, wait_until, write_config
+
+pytestmark = pytest.mark.slow
+
+# The simulators' default coins: type -> value (hil/sim/coin.py DEFAULT_COINS); bills: type 0 is
+# 5.00, type 1 10.00 (hil/sim/bill.py).
+COIN_10, COIN_20, COIN_50, COIN_100, COIN_200 = 1, 2, 3, 4, 5
+BILL_500 = 0
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "vmc.toml", state)
+    d = Daemon(config, state)
+    d.start()
+    try:
+        yield d
+    finally:
+        if d.proc is not None:
+            code, _elapsed = d.stop()
+            assert code == 0
+
+
+def coins_paid(ledger: dict[str, Any]) -> int:
+    return int(ledger["coin"]["value_out"])
+
+
+def records_of(state: Path, kind: str) -> list[dict[str, Any]]:
+    return [r for r in journal_records(state) if r["type"] == kind]
+
+
+def test_daemon_brings_up_devices_and_stops_within_two_seconds(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "vmc.toml", state, devices=("coin", "bill", "cashless"))
+    d = Daemon(config, state)
+    d.start()
+    d.wait_state(
+        lambda s: all(s["devices"].get(n) == "ready" for n in ("coin", "bill", "cashless")),
+        "all three devices ready",
+    )
+    code, elapsed = d.stop(signal.SIGTERM)
+    assert code == 0
+    assert elapsed < 2.0, f"took {elapsed:.2f} s to stop"
+    assert not (state / "control.sock").exists()
+    # The simulators it started are gone with it.
+    events = [line.get("event") for line in d.log_lines()]
+    assert "vmc stopped" in events
+
+
+def test_cash_sale_with_a_bill_and_a_coin_pays_exact_change(daemon: Daemon) -> None:
+    before = daemon.mdb_ledger()
+    daemon.insert_bill(BILL_500)
+    daemon.wait_state(lambda s: s["credit"] == 500, "the bill stacked")
+    daemon.insert_coins(COIN_50)
+    daemon.wait_state(lambda s: s["credit"] == 550, "the coin credited")
+
+    result = daemon.control({"op": "select", "slot": "A3"})  # 1.50
+
+    assert result == {"ok": True, "slot": "A3", "price": 150, "change": 400, "credit": 0}
+    after = daemon.mdb_ledger()
+    assert coins_paid(after) - coins_paid(before) == 400
+    assert after["bill"]["stacked"]["0"] == 1
+    motor = daemon.motor_sim("ledger")
+    assert motor["dropped"] == [[0, 2, 1]]
+    state = daemon.state()["state"]
+    assert {s["slot"]: s["stock"] for s in state["slots"]}["A3"] == 9
+    sales = records_of(daemon.state_dir, "sale")
+    assert [(s["data"]["slot"], s["data"]["price"], s["data"]["change"]) for s in sales] == [
+        ("A3", 150, 400)
+    ]
+    cash_in = sum(r["data"]["amount"] for r in records_of(daemon.state_dir, "cash_in"))
+    cash_out = sum(r["data"]["amount"] for r in records_of(daemon.state_dir, "cash_out"))
+    assert (cash_in, cash_out) == (550, 400)
+
+
+def test_jammed_motor_keeps_the_credit_and_takes_the_slot_out(daemon: Daemon) -> None:
+    daemon.motor_sim("fault", row=0, col=0, jam=True)
+    daemon.insert_coins(COIN_100)
+    daemon.wait_state(lambda s: s["credit"] == 100, "credit")
+
+    result = daemon.control({"op": "select", "slot": "A1"})
+
+    assert result["ok"] is False and result["error"] == "vend_failed"
+    state = daemon.state()["state"]
+    assert state["credit"] == 100
+    assert {s["slot"]: s["enabled"] for s in state["slots"]}["A1"] is False
+    assert daemon.control({"op": "select", "slot": "A1"})["error"] == "slot_disabled"
+    assert daemon.motor_sim("ledger")["dropped"] == []
+    # The customer gets the money back.
+    assert daemon.control({"op": "cancel"}) == {"ok": True, "paid": 100, "credit": 0}
+    failed = records_of(daemon.state_dir, "vend_failed")
+    assert len(failed) == 1 and failed[0]["data"]["slot"] == "A1"
+
+
+def test_missed_drop_turns_once_more_then_fails(daemon: Daemon) -> None:
+    daemon.motor_sim("fault", row=0, col=1, missed_drops=1)
+    daemon.insert_coins(COIN_100, COIN_20)
+    daemon.wait_state(lambda s: s["credit"] == 120, "credit")
+    assert daemon.control({"op": "select", "slot": "A2"})["ok"] is True
+    ledger = daemon.motor_sim("ledger")
+    assert ledger["turns"] == [[0, 1, 2]] and ledger["dropped"] == [[0, 1, 1]]
+
+    daemon.motor_sim("fault", row=0, col=1, missed_drops=2)
+    daemon.insert_coins(COIN_100, COIN_20)
+    daemon.wait_state(lambda s: s["credit"] == 120, "credit")
+    result = daemon.control({"op": "select", "slot": "A2"})
+    assert result["ok"] is False and result["error"] == "vend_failed"
+    assert daemon.state()["state"]["credit"] == 120  # kept for another choice
+    ledger = daemon.motor_sim("ledger")
+    assert ledger["turns"] == [[0, 1, 4]] and ledger["dropped"] == [[0, 1, 1]]
+
+
+def test_no_change_refuses_the_selection_and_returns_a_bill(daemon: Daemon) -> None:
+    for coin_type in range(5):
+        daemon.mdb_sim("coin", "set_tube", coin_type=coin_type, count=0)
+    daemon.insert_coins(COIN_200)  # 2.00 goes to the cashbox: not a tube coin
+    daemon.wait_state(lambda s: s["credit"] == 200, "credit")
+
+    refused = daemon.control({"op": "select", "slot": "A2"})  # 1.20: 0.80 change impossible
+    assert refused["ok"] is False and refused["error"] == "no_change"
+
+    daemon.insert_bill(BILL_500)
+    wait_until(lambda: daemon.mdb_ledger()["bill"]["returned"]["0"] == 1, 20, "bill returned")
+    assert daemon.mdb_ledger()["bill"]["stacked"]["0"] == 0
+    assert daemon.state()["state"]["credit"] == 200
+    decisions = records_of(daemon.state_dir, "escrow_decision")
+    assert [d["data"]["decision"] for d in decisions] == ["return"]
+
+    assert daemon.control({"op": "select", "slot": "B1"})["error"] == "insufficient_credit"
+    assert daemon.control({"op": "select", "slot": "A1"})["error"] == "no_change"
+    assert daemon.state()["state"]["exact_change_only"] is True
+    assert daemon.motor_sim("ledger")["turns"] == []
+
+
+def test_tube_running_empty_mid_payout_keeps_the_rest_as_credit(daemon: Daemon) -> None:
+    # The 1.00 tube jams after one coin: the rest is planned again from the other tubes.
+    daemon.mdb_sim("coin", "jam", kind="tube", after=1)
+    daemon.insert_bill(BILL_500)
+    daemon.wait_state(lambda s: s["credit"] == 500, "the bill stacked")
+    before = coins_paid(daemon.mdb_ledger())
+
+    result = daemon.control({"op": "cancel"})
+
+    paid = coins_paid(daemon.mdb_ledger()) - before
+    assert result["paid"] == paid
+    assert result["credit"] == 500 - paid
+    cash_out = sum(r["data"]["amount"] for r in records_of(daemon.state_dir, "cash_out"))
+    assert cash_out == paid
+    assert daemon.state()["state"]["credit"] == 500 - paid
+
+
+def test_changer_unplugged_mid_sale_stops_taking_money_and_comes_back(daemon: Daemon) -> None:
+    daemon.insert_coins(COIN_100)
+    daemon.wait_state(lambda s: s["credit"] == 100, "credit")
+    daemon.mdb_sim("coin", "fault", unplugged=True)
+    daemon.wait_state(
+        lambda s: not s["in_service"] and "coin" in s["faults"], "coin fault", timeout_s=15
+    )
+    daemon.mdb_sim("coin", "fault", unplugged=False)
+    daemon.wait_state(lambda s: s["in_service"], "changer back", timeout_s=20)
+    assert daemon.state()["state"]["credit"] == 100
+    assert daemon.control({"op": "select", "slot": "A1"})["ok"] is True
+    states = [
+        r["data"]["state"]
+        for r in records_of(daemon.state_dir, "device")
+        if r["data"]["device"] == "coin"
+    ]
+    assert "offline" in states and "recovered" in states
+
+
+def test_return_lever_pays_the_credit_back(daemon: Daemon) -> None:
+    daemon.insert_coins(COIN_50, COIN_20, COIN_10)
+    daemon.wait_state(lambda s: s["credit"] == 80, "credit")
+    before = coins_paid(daemon.mdb_ledger())
+    daemon.mdb_sim("coin", "lever")
+    daemon.wait_state(lambda s: s["credit"] == 0 and s["phase"] == "idle", "paid back")
+    assert coins_paid(daemon.mdb_ledger()) - before == 80
+    reasons = {r["data"]["reason"] for r in records_of(daemon.state_dir, "cash_out")}
+    assert reasons == {"lever"}
+
+
+def test_validator_jam_holds_the_bill_decision_until_the_bill_is_found(daemon: Daemon) -> None:
+    daemon.mdb_sim("bill", "jam")  # the next bill jams on its way to the stacker
+    daemon.insert_bill(BILL_500)
+    wait_until(lambda: daemon.mdb_ledger()["bill"]["jammed_bill"] is not None, 20, "bill jammed")
+    daemon.wait_state(lambda s: s["devices"].get("bill") == "fault", "validator fault")
+    assert daemon.state()["state"]["credit"] == 0  # not credited while its fate is unknown
+    decisions = records_of(daemon.state_dir, "escrow_decision")
+    assert [d["data"]["decision"] for d in decisions] == ["stack"]
+
+    daemon.mdb_sim("bill", "clear_jam", bill="stacked")  # the technician clears it into the box
+    daemon.wait_state(lambda s: s["credit"] == 500, "bill credited once found in the stacker")
+    cash_in = [r["data"] for r in records_of(daemon.state_dir, "cash_in")]
+    assert [(c["device"], c["amount"], c.get("intent_id")) for c in cash_in] == [
+        ("bill", 500, decisions[0]["data"]["intent_id"])
+    ]
+    daemon.wait_state(lambda s: s["devices"].get("bill") == "ready", "validator ready again")

@@ -1,0 +1,155 @@
+"""What the vend cycle needs from the cash devices, in the machine's own terms.
+
+The vend cycle speaks of money in minor units, coins by type and bills by type; these ports
+translate to and from the MDB device classes in ``drivers`` (coin changer, bill validator), so
+the vend logic never handles MDB bytes and a different changer (a hopper, a recycler) can be
+added as another port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Protocol
+
+from drivers.errors import MdbError
+from drivers.mdb.bill import BillValidator
+from drivers.mdb.coin import DISPENSE_WAIT_S, MAX_DISPENSE_COUNT, CoinChanger
+from drivers.mdb.device import DeviceState
+
+
+class ChangerPort(Protocol):
+    """A coin changer as the vend cycle uses it."""
+
+    @property
+    def ready(self) -> bool:
+        """Started up and answering."""
+        ...
+
+    def tube_inventory(self) -> Mapping[int, tuple[int, int]]:
+        """coin type → (value in minor units, coins that can be paid out of its tube)."""
+        ...
+
+    def coin_value(self, coin_type: int) -> int: ...
+
+    async def refresh_tubes(self) -> None:
+        """Read the tube counts from the device now."""
+        ...
+
+    async def dispense(self, coin_type: int, count: int) -> int:
+        """Pay ``count`` coins of one type; return how many the tube counts show were paid.
+
+        Raises ``drivers.errors.MdbError`` when the outcome cannot be known (device gone).
+        """
+        ...
+
+    def set_accepting(self, accepting: bool) -> None: ...
+
+    @property
+    def accepting(self) -> bool:
+        """The changer is really enabled now (the last COIN TYPE enabled coins)."""
+        ...
+
+
+class BillPort(Protocol):
+    """A bill validator as the vend cycle uses it."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def escrow(self, stack: bool) -> None:
+        """Stack (True) or return (False) the bill held in escrow. The outcome arrives later as a
+        stacked/returned event from the device."""
+        ...
+
+    async def stacker_count(self) -> int | None:
+        """Bills in the stacker, as the validator counts them (None if it does not say)."""
+        ...
+
+    def set_accepting(self, accepting: bool) -> None: ...
+
+    @property
+    def accepting(self) -> bool: ...
+
+
+# --- the MDB implementations -------------------------------------------------------------
+
+
+class PayoutOutcomeUnknown(MdbError):
+    """A DISPENSE whose end the changer did not report in time: what it paid is not known yet.
+    The payout intent stays open until the tube counts can tell (reconciliation)."""
+
+
+class MdbChanger:
+    """``ChangerPort`` over an MDB coin changer (levels 2 and 3)."""
+
+    def __init__(self, device: CoinChanger, dispense_wait_s: float = DISPENSE_WAIT_S) -> None:
+        self.device = device
+        self.dispense_wait_s = dispense_wait_s
+
+    @property
+    def ready(self) -> bool:
+        d = self.device
+        return d.state is DeviceState.READY and d.setup is not None and d.tubes is not None
+
+    def tube_inventory(self) -> Mapping[int, tuple[int, int]]:
+        return self.device.change_tubes()
+
+    def coin_value(self, coin_type: int) -> int:
+        return self.device.coin_value(coin_type)
+
+    async def refresh_tubes(self) -> None:
+        await self.device.tube_status()
+
+    async def dispense(self, coin_type: int, count: int) -> int:
+        """DISPENSE in commands of at most 15 coins (the count is 4 bits), each confirmed before
+        the next; stops early when one pays short."""
+        paid = 0
+        while paid < count:
+            chunk = min(count - paid, MAX_DISPENSE_COUNT)
+            # Taken or not, the changer's status and tube counts will tell what was paid.
+            with contextlib.suppress(MdbError):
+                await self.device.dispense(coin_type, chunk)
+            result = await self.device.wait_payout_done(self.dispense_wait_s)
+            if not result.finished:
+                raise PayoutOutcomeUnknown(
+                    f"DISPENSE {chunk} x type {coin_type}: no end reported in "
+                    f"{self.dispense_wait_s} s ({paid} paid before)"
+                )
+            got = result.counts.get(coin_type, 0)
+            paid += got
+            if got < chunk:
+                break
+        return paid
+
+    def set_accepting(self, accepting: bool) -> None:
+        self.device.set_enabled(accepting)
+
+    @property
+    def accepting(self) -> bool:
+        return self.device.accepting
+
+
+class MdbBills:
+    """``BillPort`` over an MDB bill validator (levels 1 and 2)."""
+
+    def __init__(self, device: BillValidator) -> None:
+        self.device = device
+
+    @property
+    def ready(self) -> bool:
+        return self.device.state is DeviceState.READY and self.device.setup is not None
+
+    async def escrow(self, stack: bool) -> None:
+        await self.device.escrow(stack)
+
+    async def stacker_count(self) -> int | None:
+        status = await self.device.stacker()
+        return status.count
+
+    def set_accepting(self, accepting: bool) -> None:
+        self.device.set_enabled(accepting)
+
+    @property
+    def accepting(self) -> bool:
+        return self.device.accepting
