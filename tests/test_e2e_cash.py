@@ -209,3 +209,21 @@ def test_validator_jam_holds_the_bill_decision_until_the_bill_is_found(daemon: D
         ("bill", 500, decisions[0]["data"]["intent_id"])
     ]
     daemon.wait_state(lambda s: s["devices"].get("bill") == "ready", "validator ready again")
+
+
+def test_sold_out_slot_refuses_and_stock_runs_down_to_sold_out(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    slots = [("A1", 0, 0, 100, 1), ("A2", 0, 1, 120, 0)]
+    d = Daemon(write_config(tmp_path / "vmc.toml", state, slots=slots), state)
+    d.start()
+    try:
+        d.insert_coins(COIN_100, COIN_100, COIN_50)
+        d.wait_state(lambda s: s["credit"] == 250, "credit")
+        assert d.control({"op": "select", "slot": "A2"})["error"] == "sold_out"
+        assert d.control({"op": "select", "slot": "A1"})["ok"] is True  # the last one
+        assert d.control({"op": "select", "slot": "A1"})["error"] == "sold_out"
+        assert d.control({"op": "select", "slot": "Z9"})["error"] == "unknown_slot"
+        slots_now = {s["slot"]: s for s in d.state()["state"]["slots"]}
+        assert slots_now["A1"]["stock"] == 0 and slots_now["A1"]["sellable"] is False
+    finally:
+        assert d.stop()[0] == 0
