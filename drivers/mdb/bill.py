@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from drivers.errors import FramingError, MdbError, NakReceived, NoResponse
-from drivers.mdb.block import COMMAND_MASK
 from drivers.mdb.commands import CommandDef, CommandTable
 from drivers.mdb.device import (
     Clock,
@@ -585,10 +584,7 @@ class BillValidator(MdbDevice):
         priority: Priority = Priority.COMMAND,
         max_attempts: int | None = None,
     ) -> bytes:
-        addr_cmd, data = command.request(self.ADDRESS, payload)
-        reply = await self.request(
-            addr_cmd & COMMAND_MASK, data, priority=priority, max_attempts=max_attempts
-        )
+        reply = await self.send(command, payload, priority=priority, max_attempts=max_attempts)
         return reply.data
 
     async def _query(self, command: CommandDef, payload: bytes = b"") -> bytes:

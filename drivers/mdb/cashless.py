@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from drivers.errors import MdbError, NakReceived
-from drivers.mdb.block import COMMAND_MASK
 from drivers.mdb.commands import CommandDef, CommandTable
 from drivers.mdb.device import (
     Clock,
@@ -1299,10 +1298,7 @@ class CashlessReader(MdbDevice):
         max_attempts: int | None = None,
         keep: type[DeviceEvent] | None = None,
     ) -> list[DeviceEvent]:
-        addr_cmd, data = cmd.request(self.ADDRESS, payload)
-        reply = await self.request(
-            addr_cmd & COMMAND_MASK, data, priority=Priority.COMMAND, max_attempts=max_attempts
-        )
+        reply = await self.send(cmd, payload, max_attempts=max_attempts)
         if not reply.data:
             return []
         return self._deliver(self.parse_poll(reply.data), keep=keep)

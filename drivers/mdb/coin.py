@@ -660,8 +660,7 @@ class CoinChanger(MdbDevice):
     async def _command(
         self, command: CommandDef, payload: bytes = b"", *, max_attempts: int | None = None
     ) -> Reply:
-        addr_cmd, data = command.request(self.ADDRESS, payload)
-        return await self.request(addr_cmd & 0x07, data, max_attempts=max_attempts)
+        return await self.send(command, payload, max_attempts=max_attempts)
 
     def _need_setup(self) -> ChangerSetup:
         if self.setup is None:

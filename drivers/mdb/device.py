@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from drivers.errors import MdbError
+from drivers.mdb.block import COMMAND_MASK
+from drivers.mdb.commands import CommandDef
 from drivers.mdb.master import BusMaster, Priority, Reply
 
 log = logging.getLogger("drivers.mdb.device")
@@ -162,6 +164,20 @@ class MdbDevice(abc.ABC):
     def accepting(self) -> bool:
         """The device was last told to accept (enable applied), and is started up."""
         return self.state is DeviceState.READY and self._enabled_applied is True
+
+    async def send(
+        self,
+        command: CommandDef,
+        payload: bytes = b"",
+        *,
+        priority: Priority = Priority.COMMAND,
+        max_attempts: int | None = None,
+    ) -> Reply:
+        """One command from the device's table (sub-command and length checked by it)."""
+        addr_cmd, data = command.request(self.ADDRESS, payload)
+        return await self.request(
+            addr_cmd & COMMAND_MASK, data, priority=priority, max_attempts=max_attempts
+        )
 
     def set_enabled(self, enabled: bool) -> None:
         """Ask for accepting on/off; applied by the supervisor loop at its next turn."""
