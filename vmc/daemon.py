@@ -135,6 +135,10 @@ class Daemon:
             link, timing=Timing(slack_s=mdb.timing_slack_ms / 1000.0), pcap=pcap
         )
         self.master.start()
+        # MDB bus reset (BREAK) where the link can carry one; on simulated links each device is
+        # reset with its own RESET command by its start-up sequence anyway.
+        if await self.master.bus_reset():
+            log.info("mdb bus reset sent")
         log.info("mdb bus master started", port=port, link=mdb.link, pcap=str(mdb.pcap or ""))
         classes = _device_classes()
         for name, dev_config in wanted.items():
