@@ -5,6 +5,8 @@ interface; results checked against the simulators' ledgers and the journal."""
 from __future__ import annotations
 
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -227,3 +229,35 @@ def test_sold_out_slot_refuses_and_stock_runs_down_to_sold_out(tmp_path: Path) -
         assert slots_now["A1"]["stock"] == 0 and slots_now["A1"]["sellable"] is False
     finally:
         assert d.stop()[0] == 0
+
+
+def test_changer_unplugged_mid_payout_is_settled_from_its_counts(daemon: Daemon) -> None:
+    daemon.mdb_sim("coin", "set_payout_time", seconds=1.5)
+    daemon.insert_bill(BILL_500)
+    daemon.wait_state(lambda s: s["credit"] == 500, "the bill stacked")
+    before = coins_paid(daemon.mdb_ledger())
+
+    answers: list[dict[str, Any]] = []
+    customer = threading.Thread(target=lambda: answers.append(daemon.control({"op": "cancel"})))
+    customer.start()
+    daemon.wait_state(lambda s: s["phase"] == "paying", "payout under way")
+    time.sleep(0.3)
+    daemon.mdb_sim("coin", "fault", unplugged=True)  # the changer drops off the bus mid-payout
+    customer.join(60)
+    state = daemon.wait_state(lambda s: "coin" in s["faults"], "coin fault", timeout_s=30)
+    assert state["in_service"] is False
+    assert daemon.control({"op": "select", "slot": "A1"})["ok"] is False
+
+    daemon.mdb_sim("coin", "fault", unplugged=False)
+    daemon.wait_state(lambda s: s["in_service"], "payout settled, back in service", timeout_s=40)
+    paid = coins_paid(daemon.mdb_ledger()) - before
+    assert daemon.state()["state"]["credit"] == 500 - paid
+    cash_out = sum(r["data"]["amount"] for r in records_of(daemon.state_dir, "cash_out"))
+    assert cash_out == paid  # every coin that left is on record, none twice
+    intents = {r["data"]["intent_id"] for r in records_of(daemon.state_dir, "payout_intent")}
+    finals = {
+        r["data"]["intent_id"]
+        for r in records_of(daemon.state_dir, "cash_out")
+        if r["data"].get("final")
+    }
+    assert intents == finals  # the payout was closed

@@ -50,6 +50,11 @@ class ChangerPort(Protocol):
         """The changer is really enabled now (the last COIN TYPE enabled coins)."""
         ...
 
+    async def settle_pending(self, timeout_s: float) -> Mapping[int, int] | None:
+        """Coins (type → count) a payout whose end was not seen turned out to pay, once the
+        changer can tell; ``{}`` when nothing is pending; None while it still cannot tell."""
+        ...
+
 
 class BillPort(Protocol):
     """A bill validator as the vend cycle uses it."""
@@ -77,7 +82,11 @@ class BillPort(Protocol):
 
 class PayoutOutcomeUnknown(MdbError):
     """A DISPENSE whose end the changer did not report in time: what it paid is not known yet.
-    The payout intent stays open until the tube counts can tell (reconciliation)."""
+    ``paid`` holds the coins earlier commands of the same call were confirmed to pay."""
+
+    def __init__(self, message: str, paid: Mapping[int, int]) -> None:
+        super().__init__(message)
+        self.paid = dict(paid)
 
 
 class MdbChanger:
@@ -107,14 +116,18 @@ class MdbChanger:
         paid = 0
         while paid < count:
             chunk = min(count - paid, MAX_DISPENSE_COUNT)
-            # Taken or not, the changer's status and tube counts will tell what was paid.
-            with contextlib.suppress(MdbError):
-                await self.device.dispense(coin_type, chunk)
-            result = await self.device.wait_payout_done(self.dispense_wait_s)
+            try:
+                # Taken or not, the changer's status and tube counts will tell what was paid.
+                with contextlib.suppress(MdbError):
+                    await self.device.dispense(coin_type, chunk)
+                result = await self.device.wait_payout_done(self.dispense_wait_s)
+            except MdbError as exc:
+                raise PayoutOutcomeUnknown(str(exc), {coin_type: paid}) from exc
             if not result.finished:
                 raise PayoutOutcomeUnknown(
                     f"DISPENSE {chunk} x type {coin_type}: no end reported in "
-                    f"{self.dispense_wait_s} s ({paid} paid before)"
+                    f"{self.dispense_wait_s} s",
+                    {coin_type: paid},
                 )
             got = result.counts.get(coin_type, 0)
             paid += got
@@ -128,6 +141,15 @@ class MdbChanger:
     @property
     def accepting(self) -> bool:
         return self.device.accepting
+
+    async def settle_pending(self, timeout_s: float) -> Mapping[int, int] | None:
+        if not self.device.payout_pending:
+            return {}
+        try:
+            result = await self.device.wait_payout_done(timeout_s)
+        except MdbError:
+            return None
+        return result.counts if result.finished else None
 
 
 class MdbBills:

@@ -61,6 +61,10 @@ from vmc.journal.recovery import (
 
 log = structlog.get_logger("vmc.machine")
 
+#: Rounds of planning a payout again after a tube paid short.
+MAX_PAYOUT_ROUNDS = 4
+#: How long one settlement attempt waits for the changer to report a pending payout's end.
+SETTLE_WAIT_S = 2.0
 #: How often a motor board that failed is pinged to see whether it is back.
 MOTOR_RECHECK_S = 5.0
 #: How often the actor wakes without events, to check the credit timeout.
@@ -187,6 +191,7 @@ class VendMachine:
         self._last_activity = clock()
         self._escrow_intent: tuple[str, int, int] | None = None  # (intent_id, bill_type, value)
         self._devices_down: set[str] = set()
+        self._unsettled: tuple[str, str] | None = None  # (payout intent_id, reason)
         self.device_states: dict[str, str] = {}
         self._next_motor_check = 0.0
 
@@ -240,6 +245,8 @@ class VendMachine:
                 job.done.set_result(result)
 
     async def _tick(self) -> None:
+        if self._unsettled is not None:
+            await self._settle_payout()
         if "motor" in self.faults.reasons and self.motor is not None:
             now = self._clock()
             if now >= self._next_motor_check:
@@ -420,6 +427,8 @@ class VendMachine:
             raise Refusal("out_of_service", "the machine is out of service")
         if self.phase is not Phase.IDLE or self._escrow_intent is not None:
             raise Refusal("busy", "a vend or payout is in progress")
+        if self._unsettled is not None:
+            raise Refusal("busy", "the last payout is being checked; please wait")
         if not slot.enabled:
             raise Refusal("slot_disabled", f"slot {slot_id} is out of sale")
         if slot.stock <= 0:
@@ -448,11 +457,16 @@ class VendMachine:
         self._set_phase(Phase.VENDING)
         self._publish("vend_started", slot=slot.id, price=price)
         try:
-            dropped, reason = await self._dispense_product(slot)
-        except BaseException:
-            # Cancelled (daemon stopping) or a bug: the vend intent stays open and start-up
-            # recovery resolves it (credit offered again; never a second vend).
-            raise
+            return await self._vend(slot, intent_id, price)
+        finally:
+            # Also when a step failed (journal, bug) or the daemon is stopping: the machine must
+            # not stay "busy". An intent left open is resolved by start-up recovery (credit kept,
+            # never a second vend).
+            if self.phase is not Phase.IDLE:
+                self._set_phase(Phase.IDLE)
+
+    async def _vend(self, slot: Slot, intent_id: str, price: int) -> dict[str, Any]:
+        dropped, reason = await self._dispense_product(slot)
         if not dropped:
             await self.journal.append(
                 "vend_failed",
@@ -464,7 +478,6 @@ class VendMachine:
                     "reason": reason,
                 },
             )
-            self._set_phase(Phase.IDLE)
             self._publish("vend_failed", slot=slot.id, reason=reason, credit=self.credit)
             return {"ok": False, "error": "vend_failed", "message": reason, "credit": self.credit}
         change = self.credit - price
@@ -485,7 +498,6 @@ class VendMachine:
         paid = 0
         if change:
             paid = await self._payout(change, "change")
-        self._set_phase(Phase.IDLE)
         return {"ok": True, "slot": slot.id, "price": price, "change": paid, "credit": self.credit}
 
     async def _dispense_product(self, slot: Slot) -> tuple[bool, str]:
@@ -520,7 +532,7 @@ class VendMachine:
 
     async def _pay_back(self, reason: str) -> dict[str, Any]:
         self._touch()
-        if self.phase is not Phase.IDLE:
+        if self.phase is not Phase.IDLE or self._unsettled is not None:
             raise Refusal("busy", "a vend or payout is in progress")
         if self.credit == 0:
             return {"ok": True, "paid": 0, "credit": 0}
@@ -534,8 +546,12 @@ class VendMachine:
     async def _payout(self, amount: int, reason: str) -> int:
         """Pay ``amount`` of the customer's credit in coins; return what was paid.
 
-        What cannot be paid stays as credit (journaled by the final cash_out's amount)."""
-        if self.changer is None or not self.changer.ready:
+        What cannot be paid stays as credit. If the changer cannot say what a DISPENSE paid
+        (it went away, or never reported the end), the payout stays open as ``_unsettled``:
+        money is neither taken nor sold against until the changer's own report or tube counts
+        settle it (``_settle_payout``)."""
+        changer = self.changer
+        if changer is None or not changer.ready:
             self._publish("payout_short", wanted=amount, paid=0, credit=self.credit)
             return 0
         intent_id = _new_id()
@@ -543,47 +559,40 @@ class VendMachine:
             "payout_intent", {"intent_id": intent_id, "amount": amount, "reason": reason}
         )
         self._publish("payout_started", amount=amount, reason=reason)
-        paid_total = 0
         paid_coins: dict[int, int] = {}
-        attempts = 0
-        # Each round plans what is still owed from the tubes as they are now; a tube that ran
-        # short mid-payout is read again and the rest planned from what is left.
-        while paid_total < amount and attempts < 4:
-            attempts += 1
-            await self.changer.refresh_tubes()
-            plan = plan_change(amount - paid_total, self.changer.tube_inventory())
-            if plan is None:
-                break
-            short = False
-            for coin_type, count in sorted(plan.items(), key=lambda kv: -kv[1]):
-                if count <= 0:
-                    continue
-                try:
-                    got = await self.changer.dispense(coin_type, count)
-                except MdbError as exc:
-                    # The changer went away mid-payout: what it paid is unknown until it comes
-                    # back; the payout intent stays open for reconciliation from tube counts.
-                    self.set_fault("coin", f"changer lost during payout: {exc}")
-                    self._set_credit(self.credit - paid_total)
-                    raise
-                if got:
-                    value = got * self.changer.coin_value(coin_type)
-                    paid_total += value
-                    paid_coins[coin_type] = paid_coins.get(coin_type, 0) + got
-                    await self.journal.append(
-                        "cash_out",
-                        {
-                            "intent_id": intent_id,
-                            "amount": value,
-                            "reason": reason,
-                            "coins": {str(coin_type): got},
-                        },
-                    )
-                if got < count:
-                    short = True
+        paid_total = 0
+        try:
+            # Each round plans what is still owed from the tubes as they are now; a tube that
+            # ran short mid-payout is read again and the rest planned from what is left.
+            for _round in range(MAX_PAYOUT_ROUNDS):
+                if paid_total >= amount:
                     break
-            if not short:
-                break
+                await changer.refresh_tubes()
+                plan = plan_change(amount - paid_total, changer.tube_inventory())
+                if plan is None:
+                    break
+                short = False
+                for coin_type, count in sorted(plan.items(), key=lambda kv: -kv[1]):
+                    got = await changer.dispense(coin_type, count)
+                    paid_total += await self._record_paid(intent_id, reason, {coin_type: got})
+                    paid_coins[coin_type] = paid_coins.get(coin_type, 0) + got
+                    if got < count:
+                        short = True
+                        break
+                if not short:
+                    break
+        except MdbError as exc:
+            paid_total += await self._record_paid(intent_id, reason, getattr(exc, "paid", {}))
+            self._unsettled = (intent_id, reason)
+            self.set_fault("coin", f"payout outcome unknown: {exc}")
+            self._set_credit(self.credit - paid_total)
+            log.error(
+                "payout outcome unknown; settling when the changer reports",
+                intent_id=intent_id,
+                paid_so_far=paid_total,
+                error=str(exc),
+            )
+            return paid_total
         await self.journal.append(
             "cash_out",
             {"intent_id": intent_id, "amount": 0, "reason": reason, "coins": {}, "final": True},
@@ -599,6 +608,46 @@ class VendMachine:
         if paid_total < amount:
             log.warning("payout short", wanted=amount, paid=paid_total, credit=self.credit)
         return paid_total
+
+    async def _record_paid(
+        self, intent_id: str, reason: str, coins: Mapping[int, int], final: bool = False
+    ) -> int:
+        """Journal coins that left the tubes for this payout; return their value."""
+        assert self.changer is not None
+        paid = {t: n for t, n in coins.items() if n > 0}
+        value = sum(n * self.changer.coin_value(t) for t, n in paid.items())
+        if paid or final:
+            data: dict[str, Any] = {
+                "intent_id": intent_id,
+                "amount": value,
+                "reason": reason,
+                "coins": {str(t): n for t, n in paid.items()},
+            }
+            if final:
+                data["final"] = True
+            await self.journal.append("cash_out", data)
+        return value
+
+    async def _settle_payout(self) -> None:
+        """Close a payout whose outcome was unknown, from the changer's report or tube counts."""
+        if self._unsettled is None or self.changer is None or not self.changer.ready:
+            return
+        coins = await self.changer.settle_pending(SETTLE_WAIT_S)
+        if coins is None:
+            return  # still not known: try again at the next tick
+        intent_id, reason = self._unsettled
+        value = await self._record_paid(intent_id, reason, coins, final=True)
+        self._unsettled = None
+        self._set_credit(max(0, self.credit - value))
+        log.warning("payout settled", intent_id=intent_id, paid=value, credit=self.credit)
+        self._publish(
+            "payout_done",
+            wanted=value,
+            paid=value,
+            credit=self.credit,
+            coins={str(k): v for k, v in coins.items()},
+        )
+        self.set_fault("coin", None)
 
     # --- start-up ----------------------------------------------------------------------------
 
@@ -691,10 +740,14 @@ class VendMachine:
                 {"device": event.device, "state": journal_state, "detail": event.detail[:200]},
             )
         if event.device == "coin":
-            # Without the changer no change can be paid: take no money at all.
-            self.set_fault(
-                "coin", None if state is DeviceState.READY else f"coin changer {state.value}"
-            )
+            # Without the changer no change can be paid: take no money at all. A payout whose
+            # outcome is unknown keeps the fault until it is settled.
+            if state is DeviceState.READY and self._unsettled is not None:
+                await self._settle_payout()
+            elif state is DeviceState.READY:
+                self.set_fault("coin", None)
+            else:
+                self.set_fault("coin", f"coin changer {state.value}")
         else:
             self.update_acceptance()
 
