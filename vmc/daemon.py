@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -23,9 +22,8 @@ from drivers.errors import DriverError, MdbError
 from drivers.mdb.bill import BillValidator as MdbBillDevice
 from drivers.mdb.coin import CoinChanger as MdbChangerDevice
 from drivers.mdb.device import DeviceEvent, DeviceState, MdbDevice, StateChanged
-from drivers.mdb.link import open_link
-from drivers.mdb.master import TRACE, BusMaster, Timing
-from drivers.mdb.pcap import PcapWriter
+from drivers.mdb.line_process import LineProcessMaster
+from drivers.mdb.master import Timing
 from drivers.motor.base import MotorBoard
 from drivers.motor.vmc96 import Vmc96Board
 from vmc.cash import MdbBills, MdbChanger
@@ -66,7 +64,7 @@ class Daemon:
         self.config = config
         self.state_dir = Path(config.machine.state_dir)
         self.children: list[Child] = []
-        self.master: BusMaster | None = None
+        self.master: LineProcessMaster | None = None
         self.devices: dict[str, MdbDevice] = {}
         self.event_listeners: list[Callable[[DeviceEvent], None]] = []
         self.journal: Journal | None = None
@@ -125,16 +123,16 @@ class Daemon:
             )
             self.children.append(child)
             port = child.port
-        link = await asyncio.to_thread(open_link, "stream" if mdb.simulate else mdb.link, port)
-        if mdb.trace:
-            # Every exchange at TRACE, whatever the daemon's own level (costly: rendering runs
-            # on the line thread; for fault finding, not for normal service).
-            logging.getLogger("drivers.mdb.master").setLevel(TRACE)
-        pcap = PcapWriter(mdb.pcap) if mdb.pcap else None
-        self.master = BusMaster(
-            link, timing=Timing(slack_s=mdb.timing_slack_ms / 1000.0), pcap=pcap
+        # The line is served from a process of its own, so that nothing this process does
+        # (JSON, TLS, a busy loop) can delay an ACK: see drivers/mdb/line_process.py.
+        self.master = LineProcessMaster(
+            "stream" if mdb.simulate else mdb.link,
+            port,
+            timing=Timing(slack_s=mdb.timing_slack_ms / 1000.0),
+            pcap=mdb.pcap,
+            trace=mdb.trace,
         )
-        self.master.start()
+        await self.master.open()
         # MDB bus reset (BREAK) where the link can carry one; on simulated links each device is
         # reset with its own RESET command by its start-up sequence anyway.
         if await self.master.bus_reset():

@@ -39,7 +39,7 @@ from drivers.mdb.device import (
     MdbDevice,
     StatusReported,
 )
-from drivers.mdb.master import BusMaster, Priority
+from drivers.mdb.master import MdbBus, Priority
 
 log = logging.getLogger("drivers.mdb.bill")
 
@@ -556,7 +556,7 @@ class BillValidator(MdbDevice):
 
     def __init__(
         self,
-        master: BusMaster,
+        master: MdbBus,
         *,
         poll_interval_s: float,
         on_event: EventSink,

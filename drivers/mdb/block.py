@@ -198,15 +198,19 @@ class CommandFramer:
     the length the device's command table gives, then CHK. Blocks addressed to other devices
     are skipped. Control words (mode bit 0 with no block open) are reported as such."""
 
-    __slots__ = ("_address", "_buf", "_length_of")
+    __slots__ = ("_address", "_buf", "_length_of", "_skipping")
 
     def __init__(self, address: int, length_of: LengthOf) -> None:
         self._address = address
         self._length_of = length_of
         self._buf: bytearray | None = None
+        # After a block we could not delimit (unknown command), its remaining words are not
+        # control words: skip them up to the next mode-bit word.
+        self._skipping = False
 
     def reset(self) -> None:
         self._buf = None
+        self._skipping = False
 
     def feed(self, items: Iterable[Word | Resync]) -> list[CommandEvent]:
         out: list[CommandEvent] = []
@@ -220,6 +224,9 @@ class CommandFramer:
                 if self._buf is not None and (self._buf[0] & ADDRESS_MASK) == self._address:
                     out.append(BadCommand(FramingError("command cut short", bytes(self._buf))))
                 self._buf = bytearray((item.value,))
+                self._skipping = False
+            elif self._skipping:
+                continue
             elif self._buf is None:
                 out.append(ControlReceived(item.value))
                 continue
@@ -241,10 +248,12 @@ class CommandFramer:
         length = self._length_of(bytes(buf[: len(buf)]))
         if length == 0:
             self._buf = None
+            self._skipping = True
             return BadCommand(FramingError("unknown command", bytes(buf)))
         if length is None:
             if len(buf) >= MAX_BLOCK_LEN:
                 self._buf = None
+                self._skipping = True
                 return BadCommand(BlockTooLong("command longer than 36 bytes", bytes(buf)))
             return None
         if len(buf) < length + 1:

@@ -41,7 +41,7 @@ from drivers.mdb.device import (
     MdbDevice,
     StatusReported,
 )
-from drivers.mdb.master import BusMaster, Priority
+from drivers.mdb.master import MdbBus, Priority
 
 log = logging.getLogger("drivers.mdb.cashless")
 
@@ -956,7 +956,7 @@ class CashlessReader(MdbDevice):
 
     def __init__(
         self,
-        master: BusMaster,
+        master: MdbBus,
         *,
         poll_interval_s: float,
         on_event: EventSink,

@@ -42,7 +42,7 @@ from drivers.mdb.device import (
     MdbDevice,
     StatusReported,
 )
-from drivers.mdb.master import BusMaster, Priority, Reply
+from drivers.mdb.master import MdbBus, Priority, Reply
 
 log = logging.getLogger("drivers.mdb.coin")
 
@@ -636,7 +636,7 @@ class CoinChanger(MdbDevice):
 
     def __init__(
         self,
-        master: BusMaster,
+        master: MdbBus,
         *,
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
         on_event: EventSink,

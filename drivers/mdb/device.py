@@ -23,7 +23,7 @@ from typing import ClassVar
 from drivers.errors import MdbError
 from drivers.mdb.block import COMMAND_MASK
 from drivers.mdb.commands import CommandDef
-from drivers.mdb.master import BusMaster, Priority, Reply
+from drivers.mdb.master import MdbBus, Priority, Reply
 
 log = logging.getLogger("drivers.mdb.device")
 
@@ -106,7 +106,7 @@ class MdbDevice(abc.ABC):
 
     def __init__(
         self,
-        master: BusMaster,
+        master: MdbBus,
         *,
         poll_interval_s: float,
         on_event: EventSink,

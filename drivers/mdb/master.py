@@ -16,6 +16,7 @@ marked ``duplicate`` so the device layer does not count its events twice.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import enum
@@ -28,9 +29,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from drivers.errors import LinkClosed, MdbError, NakReceived, NoResponse
+from drivers.errors import BlockTooLong, LinkClosed, MdbError, NakReceived, NoResponse
 from drivers.mdb.block import (
     ACK,
+    MAX_BLOCK_LEN,
     RET,
     AckReply,
     BadReply,
@@ -137,7 +139,35 @@ class _Request:
     loop: asyncio.AbstractEventLoop | None = field(compare=False)
 
 
-class BusMaster:
+class MdbBus(abc.ABC):
+    """One MDB bus as device classes use it: one request in flight, by priority, each reply
+    already ACKed. ``BusMaster`` serves the line from a thread of this process;
+    ``drivers.mdb.line_process.LineProcessMaster`` from a process of its own."""
+
+    timing: Timing
+    stats: BusStats
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def request(
+        self,
+        addr_cmd: int,
+        data: bytes = b"",
+        *,
+        priority: Priority = Priority.COMMAND,
+        max_attempts: int | None = None,
+    ) -> Reply: ...
+
+    @abc.abstractmethod
+    async def bus_reset(self, duration_s: float = 0.1) -> bool: ...
+
+
+class BusMaster(MdbBus):
     """Serialises every exchange on one MDB bus through a line thread."""
 
     def __init__(
@@ -183,12 +213,7 @@ class BusMaster:
             self._queue.put(_Request(-1, -1, 0, b"", 0, None, None))
             await asyncio.to_thread(thread.join, 1.0)
             self._thread = None
-        while True:
-            try:
-                req = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            self._resolve(req, LinkClosed("bus master closed"))
+        self._fail_queued(LinkClosed("bus master closed"))
         self.link.close()
         if self.pcap is not None:
             self.pcap.close()
@@ -266,6 +291,15 @@ class BusMaster:
             self._resolve(req, result)
             if isinstance(result, LinkClosed):
                 self._stopping.set()
+                self._fail_queued(result)
+
+    def _fail_queued(self, error: MdbError) -> None:
+        while True:
+            try:
+                req = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._resolve(req, error)
 
     @staticmethod
     def _resolve(req: _Request, result: Reply | MdbError) -> None:
@@ -377,9 +411,16 @@ class BusMaster:
     def _read_reply(self) -> ReplyEvent | None:
         """Wait for one reply: its first word within t-response, each next within the
         inter-byte limit. None on a timeout (a reply cut short is a timeout too)."""
-        deadline = time.monotonic() + self.timing.first_word_s
+        start = time.monotonic()
+        deadline = start + self.timing.first_word_s
+        # However the words keep coming, a reply is at most 36 words: a line that never sends a
+        # mode-bit word must not hold the line thread.
+        cap = deadline + MAX_BLOCK_LEN * self.timing.next_word_s
         while True:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            if now >= cap:
+                return BadReply(BlockTooLong("reply without an end within 36 word times"))
+            remaining = min(deadline, cap) - now
             if remaining <= 0:
                 return None
             chunk = self.link.read(remaining)

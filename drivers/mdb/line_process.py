@@ -1,0 +1,406 @@
+"""The MDB line served from its own process.
+
+A line thread in the daemon's process still needs the interpreter lock to read a reply and
+write the ACK, and a C call on the event loop (a big ``json.dumps`` for telemetry, TLS) holds
+that lock for milliseconds: the benchmark showed ACKs late by 10 ms that way. Here the line has
+a process, and so a lock, of its own: the child runs the same exchange logic
+(``BusMaster.exchange_blocking``: retries, RET, ACK at once, duplicates, pcap) and the daemon
+talks to it over a socket pair, from asyncio, without blocking.
+
+Frames on the socket pair: a 4-byte big-endian length, then a JSON object.
+Parent → child: ``{"op": "req", "id", "pri", "ac", "d" (hex), "ma"}``, ``{"op": "cancel",
+"id"}``, ``{"op": "break", "id", "dur"}``, ``{"op": "stop"}``.
+Child → parent: ``{"op": "ready"}`` or ``{"op": "fatal", "msg"}`` once at start; then per request
+``{"id", "ok": true, "ac", "d", "dup", "att", "rns", "ans", "stats"}`` or ``{"id", "ok": false,
+"err", "msg", "addr", "att", "stats"}``; for a break ``{"id", "ok": true, "sent"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import queue
+import socket
+import struct
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from drivers.errors import (
+    DriverError,
+    LinkClosed,
+    LinkConfigError,
+    MdbError,
+    NakReceived,
+    NoResponse,
+)
+from drivers.mdb.block import address_of, command_block
+from drivers.mdb.link import open_link
+from drivers.mdb.master import (
+    DEFAULT_MAX_ATTEMPTS,
+    REQUEST_DEADLINE_S,
+    BusMaster,
+    BusStats,
+    MdbBus,
+    Priority,
+    Reply,
+    Timing,
+)
+from drivers.mdb.pcap import PcapWriter
+
+log = logging.getLogger("drivers.mdb.line_process")
+
+FRAME_HEADER = struct.Struct(">I")
+#: Largest frame either side accepts (a request or reply is a few hundred bytes).
+MAX_FRAME_BYTES = 64 * 1024
+#: Python start-up plus opening the port, on a slow ARM board.
+CHILD_READY_TIMEOUT_S = 20.0
+#: How long the child gets to stop after "stop" before it is killed.
+CHILD_STOP_TIMEOUT_S = 1.0
+
+
+def _encode(obj: dict[str, Any]) -> bytes:
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv_frame(sock: socket.socket) -> dict[str, Any]:
+    (length,) = FRAME_HEADER.unpack(_recv_exact(sock, FRAME_HEADER.size))
+    if length > MAX_FRAME_BYTES:
+        raise EOFError
+    obj: dict[str, Any] = json.loads(_recv_exact(sock, length))
+    return obj
+
+
+def _error_frame(req_id: int, exc: MdbError, stats: BusStats) -> dict[str, Any]:
+    return {
+        "id": req_id,
+        "ok": False,
+        "err": type(exc).__name__,
+        "msg": str(exc),
+        "addr": getattr(exc, "address", 0),
+        "att": getattr(exc, "attempts", 0),
+        "stats": dataclasses.astuple(stats),
+    }
+
+
+def _rebuild_error(frame: dict[str, Any]) -> MdbError:
+    kind, msg = frame.get("err"), str(frame.get("msg", ""))
+    if kind == "NoResponse":
+        return NoResponse(int(frame["addr"]), int(frame["att"]))
+    if kind == "NakReceived":
+        return NakReceived(int(frame["addr"]), int(frame["att"]))
+    if kind == "LinkClosed":
+        return LinkClosed(msg)
+    return MdbError(f"{kind}: {msg}")
+
+
+# --- the child ---------------------------------------------------------------------------------
+
+
+def serve(sock: socket.socket, kind: str, port: str, timing: Timing, pcap: str) -> int:
+    """The child's body: open the link, then answer requests until "stop" or EOF."""
+    write_lock = threading.Lock()
+
+    def send(obj: dict[str, Any]) -> None:
+        with write_lock:
+            sock.sendall(_encode(obj))
+
+    try:
+        link = open_link(kind, port)
+    except DriverError as exc:
+        send({"op": "fatal", "msg": str(exc)})
+        return 2
+    engine = BusMaster(link, timing=timing, pcap=PcapWriter(pcap) if pcap else None)
+    jobs: queue.PriorityQueue[tuple[int, int, dict[str, Any]]] = queue.PriorityQueue()
+    cancelled: set[int] = set()
+    order = itertools.count()
+
+    def read_requests() -> None:
+        try:
+            while True:
+                frame = _recv_frame(sock)
+                if frame.get("op") == "cancel":
+                    cancelled.add(int(frame["id"]))
+                    continue
+                priority = -1 if frame.get("op") == "stop" else int(frame.get("pri", 2))
+                jobs.put((priority, next(order), frame))
+                if frame.get("op") == "stop":
+                    return
+        except (EOFError, OSError, ValueError):
+            jobs.put((-1, next(order), {"op": "stop"}))
+
+    threading.Thread(target=read_requests, name="mdb-line-requests", daemon=True).start()
+    send({"op": "ready"})
+    try:
+        while True:
+            _priority, _n, frame = jobs.get()
+            op = frame.get("op")
+            if op == "stop":
+                return 0
+            req_id = int(frame["id"])
+            if req_id in cancelled:
+                cancelled.discard(req_id)
+                continue
+            if op == "break":
+                sent = link.send_break(float(frame["dur"]))
+                send({"id": req_id, "ok": True, "sent": sent})
+                continue
+            try:
+                reply = engine.exchange_blocking(
+                    int(frame["ac"]), bytes.fromhex(frame["d"]), int(frame["ma"])
+                )
+            except MdbError as exc:
+                send(_error_frame(req_id, exc, engine.stats))
+                if isinstance(exc, LinkClosed):
+                    return 1
+                continue
+            send(
+                {
+                    "id": req_id,
+                    "ok": True,
+                    "ac": reply.addr_cmd,
+                    "d": reply.data.hex(),
+                    "dup": reply.duplicate,
+                    "att": reply.attempts,
+                    "rns": reply.reply_ns,
+                    "ans": reply.ack_ns,
+                    "stats": dataclasses.astuple(engine.stats),
+                }
+            )
+    except OSError:
+        return 1
+    finally:
+        link.close()
+        if engine.pcap is not None:
+            engine.pcap.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m drivers.mdb.line_process")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--kind", required=True)
+    parser.add_argument("--port", required=True)
+    parser.add_argument("--slack-s", type=float, default=Timing().slack_s)
+    parser.add_argument("--pcap", default="")
+    parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--realtime-priority", type=int)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=5 if args.trace else logging.WARNING,
+        format="%(asctime)s mdb-line %(levelname)s %(message)s",
+    )
+    if args.realtime_priority is not None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.realtime_priority))
+        except OSError as exc:
+            log.warning("mdb line process: no real-time priority (%s)", exc)
+    sock = socket.socket(fileno=args.fd)
+    return serve(sock, args.kind, args.port, Timing(slack_s=args.slack_s), args.pcap)
+
+
+# --- the parent --------------------------------------------------------------------------------
+
+
+class LineProcessMaster(MdbBus):
+    """``MdbBus`` whose line is served by a child process (see the module docstring)."""
+
+    def __init__(
+        self,
+        kind: str,
+        port: str,
+        *,
+        timing: Timing | None = None,
+        pcap: Path | str | None = None,
+        trace: bool = False,
+        realtime_priority: int | None = None,
+    ) -> None:
+        self.kind = kind
+        self.port = port
+        self.timing = timing or Timing()
+        self.stats = BusStats()
+        self._pcap = str(pcap or "")
+        self._trace = trace
+        self._realtime_priority = realtime_priority
+        self._proc: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._ready: asyncio.Future[None] | None = None
+        self._closed = False
+        self._gone: DriverError | None = None  # why the child is gone, once it is
+
+    async def open(self) -> None:
+        """Start the child and wait until it has the port open (raises LinkConfigError)."""
+        parent_sock, child_sock = socket.socketpair()
+        argv = [
+            sys.executable,
+            "-m",
+            "drivers.mdb.line_process",
+            "--fd",
+            str(child_sock.fileno()),
+            "--kind",
+            self.kind,
+            "--port",
+            self.port,
+            "--slack-s",
+            str(self.timing.slack_s),
+        ]
+        if self._pcap:
+            argv += ["--pcap", self._pcap]
+        if self._trace:
+            argv.append("--trace")
+        if self._realtime_priority is not None:
+            argv += ["--realtime-priority", str(self._realtime_priority)]
+        self._proc = await asyncio.create_subprocess_exec(
+            *argv, pass_fds=(child_sock.fileno(),), stdin=asyncio.subprocess.DEVNULL
+        )
+        child_sock.close()
+        reader, self._writer = await asyncio.open_unix_connection(sock=parent_sock)
+        self._ready = asyncio.get_running_loop().create_future()
+        self._reader_task = asyncio.create_task(self._read_replies(reader), name="mdb-line-rx")
+        try:
+            async with asyncio.timeout(CHILD_READY_TIMEOUT_S):
+                await asyncio.shield(self._ready)
+        except BaseException:
+            await self.close()
+            raise
+
+    def start(self) -> None:
+        """Nothing to do: ``open`` starts the child."""
+
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        error: DriverError = LinkClosed("the MDB line process ended")
+        try:
+            while True:
+                header = await reader.readexactly(FRAME_HEADER.size)
+                (length,) = FRAME_HEADER.unpack(header)
+                frame: dict[str, Any] = json.loads(await reader.readexactly(length))
+                op = frame.get("op")
+                if op == "ready":
+                    if self._ready is not None and not self._ready.done():
+                        self._ready.set_result(None)
+                    continue
+                if op == "fatal":
+                    error = LinkConfigError(str(frame.get("msg")))
+                    break
+                if "stats" in frame:
+                    self.stats = BusStats(*frame["stats"])
+                future = self._pending.pop(int(frame["id"]), None)
+                if future is not None and not future.done():
+                    future.set_result(frame)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        finally:
+            self._gone = error
+            self._fail_all(error)
+
+    def _fail_all(self, error: DriverError) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+
+    async def _call(self, frame: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        if self._gone is not None:
+            raise LinkClosed(f"the MDB line process is gone: {self._gone}")
+        if self._closed or self._writer is None:
+            raise LinkClosed("bus master is not running")
+        req_id = next(self._ids)
+        frame["id"] = req_id
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = future
+        try:
+            self._writer.write(_encode(frame))
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(future)
+        except BaseException:
+            if self._pending.pop(req_id, None) is not None and self._writer is not None:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    self._writer.write(_encode({"op": "cancel", "id": req_id}))
+            raise
+
+    async def request(
+        self,
+        addr_cmd: int,
+        data: bytes = b"",
+        *,
+        priority: Priority = Priority.COMMAND,
+        max_attempts: int | None = None,
+    ) -> Reply:
+        command_block(addr_cmd, data)  # raise BlockTooLong here, in the caller
+        attempts = max_attempts if max_attempts is not None else DEFAULT_MAX_ATTEMPTS
+        frame = {"op": "req", "pri": int(priority), "ac": addr_cmd, "d": data.hex(), "ma": attempts}
+        try:
+            answer = await self._call(frame, REQUEST_DEADLINE_S)
+        except TimeoutError as exc:
+            raise NoResponse(address_of(addr_cmd), 0) from exc
+        if not answer.get("ok"):
+            raise _rebuild_error(answer)
+        return Reply(
+            int(answer["ac"]),
+            bytes.fromhex(answer["d"]),
+            bool(answer["dup"]),
+            int(answer["att"]),
+            int(answer["rns"]),
+            int(answer["ans"]),
+        )
+
+    async def bus_reset(self, duration_s: float = 0.1) -> bool:
+        answer = await self._call({"op": "break", "pri": 0, "dur": duration_s}, 2.0)
+        sent = bool(answer.get("sent"))
+        if sent:
+            await asyncio.sleep(0.2)  # MDB 4.2 §2.3: 200 ms before talking to peripherals
+        return sent
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                self._writer.write(_encode({"op": "stop"}))
+                await self._writer.drain()
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            try:
+                async with asyncio.timeout(CHILD_STOP_TIMEOUT_S):
+                    await proc.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(ConnectionError):
+                await self._writer.wait_closed()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+        self._fail_all(LinkClosed("bus master closed"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

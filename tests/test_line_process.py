@@ -1,0 +1,132 @@
+"""The MDB line served from its own process: the daemon's bus master, against a simulated
+peripheral on a real pty."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from drivers.errors import LinkClosed, LinkConfigError, NoResponse
+from drivers.mdb.line_process import LineProcessMaster
+from drivers.mdb.master import Priority, Timing
+from drivers.mdb.pcap import LINKTYPE_MDB, read_pcap
+from hil.sim.bus import SimBus
+from hil.sim.coin import CoinChangerSim
+
+COIN_RESET, COIN_SETUP, COIN_POLL = 0x08, 0x09, 0x0B
+
+
+@pytest.fixture
+async def changer() -> AsyncIterator[tuple[LineProcessMaster, SimBus, CoinChangerSim]]:
+    sim = CoinChangerSim()
+    bus = SimBus.on_pty([sim])
+    bus.start()
+    master = LineProcessMaster("stream", bus.port, timing=Timing(slack_s=0.03))
+    await master.open()
+    try:
+        yield master, bus, sim
+    finally:
+        await master.close()
+        bus.stop()
+
+
+async def test_exchanges_are_served_and_acked_by_the_child(
+    changer: tuple[LineProcessMaster, SimBus, CoinChangerSim],
+) -> None:
+    master, _bus, sim = changer
+    assert (await master.request(COIN_RESET, priority=Priority.RESET)).is_ack
+    just_reset = await master.request(COIN_POLL, priority=Priority.POLL)
+    assert just_reset.data == b"\x0b" and just_reset.ack_ns >= just_reset.reply_ns > 0
+    setup = await master.request(COIN_SETUP)
+    assert setup.data[0] == 3  # level 3
+    assert master.stats.exchanges == 3
+    # The simulator heard our ACKs: its queue is empty, and it counted them.
+    assert sim.counters.acks >= 2
+
+
+async def test_errors_come_back_as_the_same_exception_types(
+    changer: tuple[LineProcessMaster, SimBus, CoinChangerSim],
+) -> None:
+    master, _bus, sim = changer
+    sim.faults.unplugged = True
+    with pytest.raises(NoResponse) as caught:
+        await master.request(COIN_POLL, max_attempts=2)
+    assert caught.value.address == 0x08 and caught.value.attempts == 2
+    sim.faults.unplugged = False
+    assert (await master.request(COIN_RESET)).is_ack
+
+
+async def test_ack_is_not_delayed_by_a_blocked_event_loop(
+    changer: tuple[LineProcessMaster, SimBus, CoinChangerSim],
+) -> None:
+    master, bus, sim = changer
+    await master.request(COIN_RESET)
+    sim.queue_item(bytes((0x51, 0x05)))  # a coin to the tubes
+    bus.record_samples = True
+    pending = asyncio.ensure_future(master.request(COIN_POLL))
+    await asyncio.sleep(0.05)
+    # This process is stuck in a long C call; the child ACKs regardless.
+    json.dumps([{"k": list(range(50))} for _ in range(20000)])
+    time.sleep(0.2)  # noqa: ASYNC251 - blocking the loop is the point of this test
+    reply = await pending
+    assert reply.data  # the JUST RESET or the coin
+    assert bus.samples.ack_turnaround_ns, "the simulator saw no ACK"
+    assert max(bus.samples.ack_turnaround_ns) < 50_000_000  # well under the 200 ms block
+
+
+async def test_a_bad_port_fails_open_with_a_config_error() -> None:
+    master = LineProcessMaster("stream", "/dev/nonexistent-mdb-port")
+    with pytest.raises(LinkConfigError):
+        await master.open()
+
+
+async def test_requests_fail_with_link_closed_when_the_child_dies(
+    changer: tuple[LineProcessMaster, SimBus, CoinChangerSim],
+) -> None:
+    master, _bus, _sim = changer
+    proc = master._proc
+    assert proc is not None
+    os.kill(proc.pid, 9)
+    await proc.wait()
+    with pytest.raises(LinkClosed):
+        await master.request(COIN_POLL)
+
+
+async def test_cancelled_request_leaves_nothing_behind(
+    changer: tuple[LineProcessMaster, SimBus, CoinChangerSim],
+) -> None:
+    master, _bus, sim = changer
+    sim.faults.late_replies, sim.faults.late_by_s = 1, 0.3
+    task = asyncio.ensure_future(master.request(COIN_RESET))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert master._pending == {}
+    assert (await master.request(COIN_RESET)).is_ack  # the line is usable afterwards
+
+
+async def test_pcap_is_written_by_the_child(tmp_path: object) -> None:
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "bus.pcap"
+    sim = CoinChangerSim()
+    bus = SimBus.on_pty([sim])
+    bus.start()
+    master = LineProcessMaster("stream", bus.port, pcap=path)
+    await master.open()
+    try:
+        await master.request(COIN_RESET)
+        await master.request(COIN_POLL)
+    finally:
+        await master.close()
+        bus.stop()
+    packets = [p for _ts, p in read_pcap(path)]
+    assert packets[0] == bytes((0, 0xFF, COIN_RESET, COIN_RESET))  # RESET + CHK
+    assert any(p[:3] == bytes((0, 0xFE, 0x08)) for p in packets)  # the changer's reply
+    assert LINKTYPE_MDB == 300
