@@ -117,7 +117,9 @@ class SimBus:
         if self._thread is not None:
             self._thread.join(2.0)
             self._thread = None
-        for fd in (self._fd, self._slave_fd):
+        # A TCP connection's fd belongs to its socket object, closed below: never close it twice.
+        own_fds = (self._slave_fd,) if self._listener is not None else (self._fd, self._slave_fd)
+        for fd in own_fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
