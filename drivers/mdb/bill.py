@@ -576,19 +576,8 @@ class BillValidator(MdbDevice):
 
     # --- helpers ---------------------------------------------------------------------------
 
-    async def _send(
-        self,
-        command: CommandDef,
-        payload: bytes = b"",
-        *,
-        priority: Priority = Priority.COMMAND,
-        max_attempts: int | None = None,
-    ) -> bytes:
-        reply = await self.send(command, payload, priority=priority, max_attempts=max_attempts)
-        return reply.data
-
     async def _query(self, command: CommandDef, payload: bytes = b"") -> bytes:
-        data = await self._send(command, payload)
+        data = (await self.send(command, payload)).data
         if not data:
             raise BillReplyError(f"{command.name}: ACK where data was expected")
         return data
@@ -635,11 +624,11 @@ class BillValidator(MdbDevice):
         setup = BillSetup.decode(await self._query(SETUP))
         self.details.setup = setup
         self.info.level = setup.level
-        await self._send(SECURITY, encode_mask16(self.security_mask))
+        await self.send(SECURITY, encode_mask16(self.security_mask))
         if self.level >= 2:
             identity = BillIdentity.decode(await self._query(EXPANSION_ID_L2), with_features=True)
             wanted = (identity.features or 0) & SUPPORTED_FEATURES
-            await self._send(FEATURE_ENABLE, encode_features(wanted))
+            await self.send(FEATURE_ENABLE, encode_features(wanted))
             self.details.features_enabled = wanted
         else:
             identity = BillIdentity.decode(await self._query(EXPANSION_ID_L1), with_features=False)
@@ -667,7 +656,7 @@ class BillValidator(MdbDevice):
         return BillTypeSetting(mask, mask if setup.escrow_capable else 0)
 
     async def _send_bill_type(self, setting: BillTypeSetting) -> None:
-        await self._send(BILL_TYPE, setting.encode())
+        await self.send(BILL_TYPE, setting.encode())
         self._bill_type_sent = setting
 
     async def poll_once(self) -> list[DeviceEvent]:
@@ -744,7 +733,7 @@ class BillValidator(MdbDevice):
         self._escrow_waiter = waiter  # registered before sending: no outcome can slip past
         try:
             try:
-                await self._send(ESCROW, encode_escrow(stack), max_attempts=ESCROW_ATTEMPTS)
+                await self.send(ESCROW, encode_escrow(stack), max_attempts=ESCROW_ATTEMPTS)
             except NakReceived:
                 log.warning("%s: ESCROW %s refused (NAK)", self.NAME, "stack" if stack else "ret")
                 return EscrowOutcome.REFUSED
