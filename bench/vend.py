@@ -46,8 +46,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._vend_sims import TimedCoinChanger, TimedVmc96Simulator
+from hil.harness import Daemon, JsonLineClient
 from hil.sim.bus import SimBus
-from tests.daemon_harness import Daemon, JsonLineClient
 
 POLL_INTERVAL_MS = 100
 TARGET_CREDIT_P99_MS = POLL_INTERVAL_MS + 20.0
@@ -103,7 +103,7 @@ class Samples:
 
 
 def write_bench_config(path: Path, state_dir: Path, mdb_port: str, motor_port: str) -> Path:
-    """The daemon's configuration. Not ``tests.daemon_harness.write_config``: that one fixes
+    """The daemon's configuration. Not ``hil.harness.write_config``: that one fixes
     the poll interval at 50 ms, slot capacity at 20 and debug logging, none of which is the
     realistic set-up this benchmark measures."""
     lines = [

@@ -15,13 +15,14 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from hil.sim.control import JsonLineClient
 
 #: Python start-up plus device start-up on a loaded 2-core CI machine.
 START_TIMEOUT_S = 40.0
@@ -78,33 +79,6 @@ def write_config(
         ]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-class JsonLineClient:
-    """One connection to a JSON-lines unix socket."""
-
-    def __init__(self, path: Path, timeout_s: float = CALL_TIMEOUT_S) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout_s)
-        self.sock.connect(str(path))
-        self.file = self.sock.makefile("rwb")
-
-    def call(self, request: dict[str, Any]) -> dict[str, Any]:
-        self.file.write(json.dumps(request).encode() + b"\n")
-        self.file.flush()
-        return self.read()
-
-    def read(self) -> dict[str, Any]:
-        line = self.file.readline()
-        if not line:
-            raise ConnectionError("socket closed")
-        answer: dict[str, Any] = json.loads(line)
-        return answer
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.file.close()
-            self.sock.close()
 
 
 def call(path: Path, request: dict[str, Any], timeout_s: float = CALL_TIMEOUT_S) -> dict[str, Any]:

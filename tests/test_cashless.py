@@ -82,6 +82,7 @@ from drivers.mdb.commands import CommandDef
 from drivers.mdb.device import DeviceEvent, DeviceState, JustReset, StateChanged, StatusReported
 from hil.sim.cashless import CashlessReader2Sim, CashlessReaderSim
 from tests.mdb_harness import sim_and_master
+from tests.waiting import stop_task, wait_until
 
 # --- shared helpers -----------------------------------------------------------------------------
 
@@ -98,8 +99,6 @@ STEP_S = 0.005
 #: command. These tests check the protocol, not timing (the benchmark measures that), so they
 #: allow for it; fault tests still see timeouts, only slower.
 LOADED_SLACK_S = 0.25
-#: How long cleanup waits for a cancelled task before cancelling it again.
-CANCEL_WAIT_S = 0.2
 #: The PAX reader's SETUP config reply from the captured Necta session (mdb.md "Cashless").
 PAX_CONFIG = dict(
     level=1,
@@ -140,26 +139,6 @@ class Recorder:
             if loop.time() > deadline:
                 raise AssertionError(f"no {cls.__name__} after {since}: {self.events[since:]}")
             await asyncio.sleep(STEP_S)
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_S
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(STEP_S)
-
-
-async def stop_task(task: asyncio.Task[None]) -> None:
-    """Cancel ``task`` and wait for it. Cancels again while it runs on: on Python 3.11,
-    ``BusMaster.request``'s ``wait_for`` returns a reply that completes in the same loop turn
-    as the cancellation and drops the cancellation (seen here; reported to the lead)."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait([task], timeout=CANCEL_WAIT_S)
-    if not task.cancelled() and task.exception() is not None:
-        raise AssertionError(f"{task.get_name()} failed") from task.exception()
 
 
 def ready(device: CashlessReader) -> Callable[[], bool]:

@@ -4,7 +4,6 @@ device class against the simulator over a real pty."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 from collections.abc import AsyncIterator, Callable
@@ -87,6 +86,7 @@ from hil.sim.coin import (
     item_slugs,
 )
 from tests.mdb_harness import sim_and_master
+from tests.waiting import stop_task, wait_until
 
 EURO = ChangerSetup(
     level=3,
@@ -171,14 +171,6 @@ class EventLog:
                 await self._changed.wait()
 
 
-async def until(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-    """Wait for a condition on simulator state, which changes in the simulator's thread (so
-    there is no asyncio.Event to wait on)."""
-    async with asyncio.timeout(timeout_s):
-        while not condition():  # noqa: ASYNC110 - set from another thread
-            await asyncio.sleep(0.01)
-
-
 def ready_states(log: EventLog) -> list[DeviceEvent]:
     return [
         e
@@ -191,21 +183,6 @@ def ready_states(log: EventLog) -> list[DeviceEvent]:
 def short_reset_settle(monkeypatch: pytest.MonkeyPatch) -> None:
     # The 500 ms settle after RESET models real peripherals; the simulator needs none.
     monkeypatch.setattr(drivers.mdb.device, "RESET_SETTLE_S", 0.01)
-
-
-async def stop_task(task: asyncio.Task[None], timeout_s: float = WAIT_S) -> None:
-    """Cancel a device's supervisor task and wait for it to end.
-
-    Cancels repeatedly: on Python 3.11 ``asyncio.wait_for`` (inside ``BusMaster.request``)
-    drops a cancellation that arrives just as the request completes, so one cancel() can be
-    lost while the device polls (reported to the lead; seen in about half of the tries).
-    """
-    async with asyncio.timeout(timeout_s):
-        while not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.05)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 @asynccontextmanager
@@ -699,9 +676,9 @@ async def test_enable_and_set_accepted() -> None:
     async with running_changer(sim) as (device, _log):
         assert sim.accept_mask == 0x3F
         device.set_accepted(0b0110)
-        await until(lambda: sim.accept_mask == 0b0110)
+        await wait_until(lambda: sim.accept_mask == 0b0110, "coins 1 and 2 enabled")
         device.set_enabled(False)
-        await until(lambda: sim.accept_mask == 0)
+        await wait_until(lambda: sim.accept_mask == 0, "all coins disabled")
         assert sim.manual_mask == 0x1F
 
 
@@ -728,13 +705,14 @@ async def test_poll_events_reach_the_vmc() -> None:
         jam = await log.wait_for(lambda e: isinstance(e, StatusReported) and e.code == 0x0C)
         assert isinstance(jam, StatusReported) and jam.fault
         # Tube counts follow the poll items and the TUBE STATUS refresh after them.
-        await until(
+        await wait_until(
             lambda: (
                 device.tubes is not None
                 and device.tubes.full == 0
                 and not device._tubes_stale
                 and device.tubes.count(4) == 7
-            )
+            ),
+            "tube counts refreshed",
         )
         assert device.tubes is not None and device.tubes.count(3) == 21
 
@@ -746,7 +724,10 @@ async def test_lost_ack_does_not_count_a_coin_twice() -> None:
             sim.faults.lose_acks = 1
             sim.control({"cmd": "insert", "value": 100})
         await log.wait_for(lambda e: isinstance(e, CoinDeposited))
-        await until(lambda: sim.counters.resends_after_lost_ack == 1 and not sim.poll_items)
+        await wait_until(
+            lambda: sim.counters.resends_after_lost_ack == 1 and not sim.poll_items,
+            "the resend after the lost ACK",
+        )
         await asyncio.sleep(0.1)  # a few more polls
         assert len(log.of(CoinDeposited)) == 1
 
@@ -819,7 +800,9 @@ async def test_changer_reset_itself_is_started_again() -> None:
     async with running_changer(sim) as (device, log):
         sim.reset_itself()
         await log.wait_for(lambda e: isinstance(e, JustReset))
-        await until(lambda: len(ready_states(log)) == 2 and sim.accept_mask == 0x3F)
+        await wait_until(
+            lambda: len(ready_states(log)) == 2 and sim.accept_mask == 0x3F, "READY again, enabled"
+        )
         assert device.state is DeviceState.READY
 
 
@@ -839,4 +822,4 @@ async def test_changer_reset_during_payout_is_reconciled_from_tubes(level: int) 
         assert result.value == ledger["value_out"]
         paid = {int(t): p["command"] for t, p in ledger["paid_out"].items() if p["command"]}
         assert result.counts == paid
-        await until(lambda: len(ready_states(log)) == 2)
+        await wait_until(lambda: len(ready_states(log)) == 2, "READY again")

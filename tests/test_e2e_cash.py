@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_harness import Daemon, journal_records, wait_until, write_config
+from hil.harness import Daemon, journal_records, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import Daemon, write_config
+from hil.harness import Daemon, write_config
 
 pytestmark = pytest.mark.slow
 

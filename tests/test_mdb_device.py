@@ -34,8 +34,8 @@ from drivers.mdb.device import (
 )
 from drivers.mdb.master import BusMaster
 from tests.mdb_harness import sim_and_master
+from tests.waiting import wait_until
 
-WAIT_S = 5.0  # bound for conditions normally met in milliseconds (loaded CI machines)
 POLL_INTERVAL_S = 0.01
 ENABLE_MASK = bytes.fromhex("000F0000")
 DISABLE_MASK = bytes(4)
@@ -113,15 +113,6 @@ class MiniChangerDevice(MdbDevice):
 def short_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(device_module, "RESET_SETTLE_S", 0.01)
     monkeypatch.setattr(device_module, "OFFLINE_RETRY_S", 0.05)
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_S
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {WAIT_S} s waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 @contextlib.asynccontextmanager

@@ -72,6 +72,7 @@ from drivers.mdb.master import (
 from hil.sim.bus import SimBus
 from hil.sim.peripheral import PeripheralCounters
 from tests.mdb_harness import sim_and_master
+from tests.waiting import wait_until
 
 CHANGER = 0x08
 #: Upper bound for a condition the simulator normally meets within milliseconds; generous so
@@ -95,15 +96,6 @@ START_UP_POLLS = 3
 LATE_SLACK_S = 0.2
 #: ... so a reply this late misses the reply window and lands in the drain, each by ~0.1 s.
 LATE_S = 0.3
-
-
-async def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 async def req(

@@ -44,6 +44,7 @@ from drivers.errors import (
 from drivers.mdb.block import address_of, command_block
 from drivers.mdb.link import open_link
 from drivers.mdb.master import (
+    BUS_RESET_QUIET_S,
     DEFAULT_MAX_ATTEMPTS,
     REQUEST_DEADLINE_S,
     BusMaster,
@@ -371,7 +372,7 @@ class LineProcessMaster(MdbBus):
         answer = await self._call({"op": "break", "pri": 0, "dur": duration_s}, 2.0)
         sent = bool(answer.get("sent"))
         if sent:
-            await asyncio.sleep(0.2)  # MDB 4.2 §2.3: 200 ms before talking to peripherals
+            await asyncio.sleep(BUS_RESET_QUIET_S)
         return sent
 
     async def close(self) -> None:

@@ -70,6 +70,8 @@ MAX_DRAIN_FACTOR = 8
 REQUEST_DEADLINE_S = 2.0
 #: How long the line thread waits on its queue before checking for a stop request.
 QUEUE_WAIT_S = 0.1
+#: MDB 4.2 §2.3: after a bus reset (BREAK), 200 ms before talking to peripherals.
+BUS_RESET_QUIET_S = 0.2
 #: The interpreter's GIL switch interval while the bus runs (default 5 ms): a thread holding
 #: the GIL in pure Python gives it up within this, so the line thread can ACK in time.
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -260,7 +262,7 @@ class BusMaster(MdbBus):
         """MDB bus reset (BREAK ≥ 100 ms, then 200 ms quiet). False on simulated links."""
         sent = await asyncio.to_thread(self.link.send_break, duration_s)
         if sent:
-            await asyncio.sleep(0.2)  # MDB 4.2 §2.3: 200 ms before talking to peripherals
+            await asyncio.sleep(BUS_RESET_QUIET_S)
         return sent
 
     # --- line thread -----------------------------------------------------------------------

@@ -109,35 +109,48 @@ class ControlServer:
             self.path.unlink()
 
 
-class ControlClient:
-    """Blocking client for a simulator's control socket (tests, the rig, the daemon)."""
+class JsonLineClient:
+    """One blocking connection to a JSON-lines unix socket (a simulator's control socket, the
+    daemon's control interface): one request line, one answer line."""
 
     def __init__(self, path: Path | str, timeout_s: float = CLIENT_TIMEOUT_S) -> None:
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout_s)
-        self._sock.connect(str(path))
-        self._file = self._sock.makefile("rwb")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout_s)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rwb")
 
-    def call(self, request: dict[str, Any]) -> Any:
-        self._file.write(json.dumps(request).encode() + b"\n")
-        self._file.flush()
-        line = self._file.readline()
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.file.write(json.dumps(request).encode() + b"\n")
+        self.file.flush()
+        return self.read()
+
+    def read(self) -> dict[str, Any]:
+        line = self.file.readline()
         if not line:
-            raise ConnectionError("simulator control socket closed")
-        answer = json.loads(line)
-        if not answer.get("ok"):
-            raise RuntimeError(answer.get("error", "simulator refused the request"))
-        return answer.get("result")
+            raise ConnectionError("socket closed")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
 
     def close(self) -> None:
-        self._file.close()
-        self._sock.close()
+        with contextlib.suppress(OSError):
+            self.file.close()
+            self.sock.close()
 
-    def __enter__(self) -> ControlClient:
+    def __enter__(self) -> JsonLineClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ControlClient(JsonLineClient):
+    """A simulator's control socket: returns ``result``, raises on ``ok: false``."""
+
+    def call(self, request: dict[str, Any]) -> Any:  # type: ignore[override]
+        answer = super().call(request)
+        if not answer.get("ok"):
+            raise RuntimeError(answer.get("error", "simulator refused the request"))
+        return answer.get("result")
 
 
 def write_link_file(path: Path | str, port: str) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from drivers.mdb.block import MAX_BLOCK_LEN, CommandReceived, LengthOf
@@ -208,12 +208,3 @@ class SimPeripheral(abc.ABC):
                     k: getattr(self.counters, k) for k in PeripheralCounters.__dataclass_fields__
                 },
             }
-
-
-@dataclass(slots=True)
-class SimCommand:
-    """A control request for a simulator process (JSON line on its control socket)."""
-
-    device: str
-    cmd: str
-    args: dict[str, Any] = field(default_factory=dict)
