@@ -10,7 +10,8 @@
    (../shared/contracts/mdb-sim-link.md "Timing"), hosting a coin-changer-like peripheral that
    answers every POLL with a data reply. This process polls it back to back through the bus
    master (``LineProcessMaster``, the line in a child process, as the daemon runs it; or with
-   ``--line thread`` ``BusMaster`` + ``StreamLink``, the line in a thread of this process)
+   ``--line thread`` ``BusMaster`` + ``StreamLink``, the line in a thread of this process),
+   with the daemon's default real-time priority for the line (``mdb.realtime_priority``),
    while (a) a thread commits SQLite transactions in WAL mode with
    synchronous=FULL in a temp dir, and (b) the event loop runs CPU-heavy JSON work (dumps/loads
    of a ~100 KB telemetry object, one call per chunk) between the poll awaits. The simulator
@@ -51,6 +52,7 @@ from drivers.mdb.line_process import LineProcessMaster
 from drivers.mdb.link import StreamLink
 from drivers.mdb.master import BusMaster, BusStats, MdbBus, Priority
 from hil.sim.bus import SimBus
+from vmc.config import DEFAULT_REALTIME_PRIORITY as DAEMON_REALTIME_PRIORITY
 
 FULL_EXCHANGES = 100_000
 QUICK_EXCHANGES = 5_000
@@ -342,6 +344,7 @@ class RunResult:
     elapsed_s: float
     master_ack_ns: list[int]
     stats: BusStats
+    scheduling: str  # how the line was scheduled, as it reported
     json_load: JsonLoad
     sqlite_commits: int
 
@@ -350,7 +353,7 @@ class RunResult:
 class RunConfig:
     exchanges: int
     budget_s: float | None
-    realtime_priority: int | None
+    realtime_priority: int
     sqlite: bool
     json_kb: int  # 0: no JSON work
     line: str  # "process" (what the daemon runs) or "thread"
@@ -365,8 +368,9 @@ async def poll_under_load(port: str, config: RunConfig, sim: SimProcess, db_dir:
         await process_master.open()
         master = process_master
     else:
-        master = BusMaster(StreamLink(port), realtime_priority=config.realtime_priority)
-        master.start()
+        thread_master = BusMaster(StreamLink(port), realtime_priority=config.realtime_priority)
+        thread_master.start()
+        master = thread_master
     sqlite_load = SqliteLoad(db_dir)
     json_load = JsonLoad()
     json_task: asyncio.Task[None] | None = None
@@ -405,11 +409,21 @@ async def poll_under_load(port: str, config: RunConfig, sim: SimProcess, db_dir:
                     raise
         if config.sqlite:
             await asyncio.to_thread(sqlite_load.stop)
+        if config.line == "thread":
+            thread_scheduling = thread_master.scheduling
         await master.close()
     if sqlite_load.error is not None:
         raise RuntimeError(f"SQLite load failed: {sqlite_load.error!r}")
+    scheduling = process_master.scheduling if config.line == "process" else thread_scheduling
     return RunResult(
-        done, failures, elapsed, master_ack_ns, master.stats, json_load, sqlite_load.commits
+        done,
+        failures,
+        elapsed,
+        master_ack_ns,
+        master.stats,
+        scheduling,
+        json_load,
+        sqlite_load.commits,
     )
 
 
@@ -433,13 +447,12 @@ def report(
     turnaround: Distribution,
     intervals_ns: list[int],
     run: RunResult,
-    realtime_priority: int | None,
 ) -> bool:
     print(f"MDB link benchmark ({mode})")
     print(
         f"  python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
         f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-        f"line real-time priority: {realtime_priority or 'off'}"
+        f"line scheduling: {run.scheduling}"
     )
     print()
     print(f"floor: bare Python echo over a pty, no load, {floor.count} round trips")
@@ -519,8 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--realtime-priority",
         type=int,
-        default=None,
-        help="SCHED_FIFO priority for the line's thread (needs CAP_SYS_NICE); off by default",
+        default=DAEMON_REALTIME_PRIORITY,
+        help="SCHED_FIFO priority for the line (needs RLIMIT_RTPRIO or CAP_SYS_NICE; refused "
+        "quietly without); default: the daemon's default, %(default)s; 0: normal scheduling",
     )
     parser.add_argument(
         "--line",
@@ -561,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sim.close()
     intervals = [b - a for a, b in itertools.pairwise(arrivals)]
-    ok = report(mode, floor, Distribution.of(acks), intervals, run, args.realtime_priority)
+    ok = report(mode, floor, Distribution.of(acks), intervals, run)
     return 0 if ok else 1
 
 

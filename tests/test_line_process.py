@@ -13,7 +13,7 @@ import pytest
 
 from drivers.errors import LinkClosed, LinkConfigError, NoResponse
 from drivers.mdb.line_process import LineProcessMaster
-from drivers.mdb.master import Priority, Timing
+from drivers.mdb.master import Priority, Timing, set_realtime_priority
 from drivers.mdb.pcap import read_pcap
 from hil.sim.bus import SimBus
 from hil.sim.coin import CoinChangerSim
@@ -130,3 +130,39 @@ async def test_pcap_is_written_by_the_child(tmp_path: object) -> None:
     packets = [p for _ts, p in read_pcap(path)]
     assert packets[0] == bytes((0, 0xFF, COIN_RESET, COIN_RESET))  # RESET + CHK
     assert any(p[:3] == bytes((0, 0xFE, 0x08)) for p in packets)  # the changer's reply
+
+
+async def test_the_child_reports_how_it_is_scheduled_and_it_is_true() -> None:
+    sim = CoinChangerSim()
+    bus = SimBus.on_pty([sim])
+    bus.start()
+    master = LineProcessMaster("stream", bus.port, realtime_priority=10)
+    await master.open()
+    try:
+        assert master._proc is not None
+        actual = os.sched_getscheduler(master._proc.pid)
+        if master.scheduling == "SCHED_FIFO 10":
+            assert actual == os.SCHED_FIFO
+            assert os.sched_getparam(master._proc.pid).sched_priority == 10
+        else:  # no RLIMIT_RTPRIO or CAP_SYS_NICE where this runs
+            assert master.scheduling.startswith("normal (SCHED_FIFO 10 refused: ")
+            assert actual == os.SCHED_OTHER
+        assert (await master.request(COIN_RESET)).is_ack
+    finally:
+        await master.close()
+        bus.stop()
+
+
+async def test_without_a_realtime_priority_the_child_stays_normal(
+    changer: tuple[LineProcessMaster, SimBus, CoinChangerSim],
+) -> None:
+    master, _bus, _sim = changer
+    assert master._proc is not None
+    assert master.scheduling == "normal"
+    assert os.sched_getscheduler(master._proc.pid) == os.SCHED_OTHER
+
+
+def test_a_refused_realtime_priority_is_reported_not_raised() -> None:
+    # 100 is outside SCHED_FIFO's 1..99: the kernel refuses it whatever our privileges.
+    assert set_realtime_priority(100).startswith("normal (SCHED_FIFO 100 refused: ")
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER

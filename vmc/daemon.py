@@ -131,13 +131,27 @@ class Daemon:
             timing=Timing(slack_s=mdb.timing_slack_ms / 1000.0),
             pcap=mdb.pcap,
             trace=mdb.trace,
+            realtime_priority=mdb.realtime_priority,
         )
         await self.master.open()
+        if mdb.realtime_priority and not self.master.scheduling.startswith("SCHED_FIFO"):
+            # Works, with a longer ACK tail under load (bench/README.md has the figures).
+            log.warning(
+                "mdb line process is not real-time",
+                scheduling=self.master.scheduling,
+                hint="grant LimitRTPRIO (systemd/vmc.service) or set mdb.realtime_priority = 0",
+            )
         # MDB bus reset (BREAK) where the link can carry one; on simulated links each device is
         # reset with its own RESET command by its start-up sequence anyway.
         if await self.master.bus_reset():
             log.info("mdb bus reset sent")
-        log.info("mdb bus master started", port=port, link=mdb.link, pcap=str(mdb.pcap or ""))
+        log.info(
+            "mdb bus master started",
+            port=port,
+            link=mdb.link,
+            pcap=str(mdb.pcap or ""),
+            scheduling=self.master.scheduling,
+        )
         classes = _device_classes()
         for name, dev_config in wanted.items():
             device = classes[name](

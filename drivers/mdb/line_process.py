@@ -10,9 +10,10 @@ talks to it over a socket pair, from asyncio, without blocking.
 Frames on the socket pair: a 4-byte big-endian length, then a JSON object.
 Parent → child: ``{"op": "req", "id", "pri", "ac", "d" (hex), "ma"}``, ``{"op": "cancel",
 "id"}``, ``{"op": "break", "id", "dur"}``, ``{"op": "stop"}``.
-Child → parent: ``{"op": "ready"}`` or ``{"op": "fatal", "msg"}`` once at start; then per request
-``{"id", "ok": true, "ac", "d", "dup", "att", "rns", "ans", "stats"}`` or ``{"id", "ok": false,
-"err", "msg", "addr", "att", "stats"}``; for a break ``{"id", "ok": true, "sent"}``.
+Child → parent: ``{"op": "ready", "sched"}`` (``sched``: how the line is scheduled) or
+``{"op": "fatal", "msg"}`` once at start; then per request ``{"id", "ok": true, "ac", "d", "dup",
+"att", "rns", "ans", "stats"}`` or ``{"id", "ok": false, "err", "msg", "addr", "att", "stats"}``;
+for a break ``{"id", "ok": true, "sent"}``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 import queue
 import socket
 import struct
@@ -47,12 +47,14 @@ from drivers.mdb.master import (
     BUS_RESET_QUIET_S,
     DEFAULT_MAX_ATTEMPTS,
     REQUEST_DEADLINE_S,
+    SCHED_NORMAL,
     BusMaster,
     BusStats,
     MdbBus,
     Priority,
     Reply,
     Timing,
+    set_realtime_priority,
 )
 from drivers.mdb.pcap import PcapWriter
 
@@ -116,7 +118,14 @@ def _rebuild_error(frame: dict[str, Any]) -> MdbError:
 # --- the child ---------------------------------------------------------------------------------
 
 
-def serve(sock: socket.socket, kind: str, port: str, timing: Timing, pcap: str) -> int:
+def serve(
+    sock: socket.socket,
+    kind: str,
+    port: str,
+    timing: Timing,
+    pcap: str,
+    scheduling: str = SCHED_NORMAL,
+) -> int:
     """The child's body: open the link, then answer requests until "stop" or EOF."""
     write_lock = threading.Lock()
 
@@ -149,7 +158,7 @@ def serve(sock: socket.socket, kind: str, port: str, timing: Timing, pcap: str) 
             jobs.put((-1, next(order), {"op": "stop"}))
 
     threading.Thread(target=read_requests, name="mdb-line-requests", daemon=True).start()
-    send({"op": "ready"})
+    send({"op": "ready", "sched": scheduling})
     try:
         while True:
             _priority, _n, frame = jobs.get()
@@ -209,13 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         level=5 if args.trace else logging.WARNING,
         format="%(asctime)s mdb-line %(levelname)s %(message)s",
     )
-    if args.realtime_priority is not None:
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.realtime_priority))
-        except OSError as exc:
-            log.warning("mdb line process: no real-time priority (%s)", exc)
+    scheduling = SCHED_NORMAL
+    if args.realtime_priority:
+        scheduling = set_realtime_priority(args.realtime_priority)
     sock = socket.socket(fileno=args.fd)
-    return serve(sock, args.kind, args.port, Timing(slack_s=args.slack_s), args.pcap)
+    return serve(sock, args.kind, args.port, Timing(slack_s=args.slack_s), args.pcap, scheduling)
 
 
 # --- the parent --------------------------------------------------------------------------------
@@ -247,6 +254,9 @@ class LineProcessMaster(MdbBus):
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._ready: asyncio.Future[None] | None = None
+        #: How the child is scheduled, as it reported once started: "normal", "SCHED_FIFO 10",
+        #: or "normal (SCHED_FIFO 10 refused: ...)".
+        self.scheduling = ""
         self._closed = False
         self._gone: DriverError | None = None  # why the child is gone, once it is
 
@@ -270,7 +280,7 @@ class LineProcessMaster(MdbBus):
             argv += ["--pcap", self._pcap]
         if self._trace:
             argv.append("--trace")
-        if self._realtime_priority is not None:
+        if self._realtime_priority:
             argv += ["--realtime-priority", str(self._realtime_priority)]
         self._proc = await asyncio.create_subprocess_exec(
             *argv, pass_fds=(child_sock.fileno(),), stdin=asyncio.subprocess.DEVNULL
@@ -298,6 +308,7 @@ class LineProcessMaster(MdbBus):
                 frame: dict[str, Any] = json.loads(await reader.readexactly(length))
                 op = frame.get("op")
                 if op == "ready":
+                    self.scheduling = str(frame.get("sched", SCHED_NORMAL))
                     if self._ready is not None and not self._ready.done():
                         self._ready.set_result(None)
                     continue

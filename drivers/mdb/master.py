@@ -85,6 +85,21 @@ class Priority(enum.IntEnum):
     COMMAND = 2
 
 
+#: How a line reports its scheduling when it is not real-time.
+SCHED_NORMAL = "normal"
+
+
+def set_realtime_priority(priority: int) -> str:
+    """Put the calling thread (in the line process: the process) under SCHED_FIFO at
+    ``priority``, best effort: without RLIMIT_RTPRIO or CAP_SYS_NICE the kernel refuses, and the
+    line still works, only with a longer tail. Returns how the line is now scheduled."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except OSError as exc:
+        return f"{SCHED_NORMAL} (SCHED_FIFO {priority} refused: {exc.strerror or exc})"
+    return f"SCHED_FIFO {priority}"
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """A peripheral's answer. ``data`` is empty for a lone ACK."""
@@ -185,6 +200,8 @@ class BusMaster(MdbBus):
         self.pcap = pcap
         self.stats = BusStats()
         self._realtime_priority = realtime_priority
+        #: How the line thread is scheduled once started (see ``set_realtime_priority``).
+        self.scheduling = SCHED_NORMAL
         self._queue: queue.PriorityQueue[_Request] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
@@ -268,11 +285,8 @@ class BusMaster(MdbBus):
     # --- line thread -----------------------------------------------------------------------
 
     def _serve(self) -> None:
-        if self._realtime_priority is not None:
-            try:
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self._realtime_priority))
-            except (PermissionError, OSError) as exc:
-                log.warning("mdb line thread: no real-time priority (%s)", exc)
+        if self._realtime_priority:
+            self.scheduling = set_realtime_priority(self._realtime_priority)
         while not self._stopping.is_set():
             try:
                 req = self._queue.get(timeout=QUEUE_WAIT_S)
