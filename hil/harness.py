@@ -273,8 +273,9 @@ class Daemon:
 
     def motor_sim(self, cmd: str, **args: Any) -> dict[str, Any]:
         answer = call(self.motor_control, {"cmd": cmd, **args})
-        assert answer.get("ok"), answer
-        return answer
+        assert answer["ok"], answer
+        result: dict[str, Any] = answer["result"]
+        return result
 
     def wait_accepting(self, device: str) -> None:
         """Wait until the machine has really enabled ``device`` (customers insert money when

@@ -7,14 +7,16 @@ import asyncio
 import json
 import os
 import time
+import tty
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from drivers.errors import LinkClosed, LinkConfigError, NoResponse
 from drivers.mdb.line_process import LineProcessMaster
 from drivers.mdb.master import Priority, Timing, set_realtime_priority
-from drivers.mdb.pcap import read_pcap
+from drivers.mdb.pcap import Direction, read_pcap
 from hil.sim.bus import SimBus
 from hil.sim.coin import CoinChangerSim
 from tests.waiting import wait_until
@@ -112,10 +114,8 @@ async def test_cancelled_request_leaves_nothing_behind(
     assert (await master.request(COIN_RESET)).is_ack  # the line is usable afterwards
 
 
-async def test_pcap_is_written_by_the_child(tmp_path: object) -> None:
-    from pathlib import Path
-
-    path = Path(str(tmp_path)) / "bus.pcap"
+async def test_pcap_is_written_by_the_child(tmp_path: Path) -> None:
+    path = tmp_path / "bus.pcap"
     sim = CoinChangerSim()
     bus = SimBus.on_pty([sim])
     bus.start()
@@ -166,3 +166,20 @@ def test_a_refused_realtime_priority_is_reported_not_raised() -> None:
     # 100 is outside SCHED_FIFO's 1..99: the kernel refuses it whatever our privileges.
     assert set_realtime_priority(100).startswith("normal (SCHED_FIFO 100 refused: ")
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+async def test_a_bus_reset_on_a_uart_goes_into_the_capture(tmp_path: Path) -> None:
+    # A pty slave takes the UART set-up and a BREAK (tcsendbreak), so the whole path runs.
+    master_fd, slave_fd = os.openpty()
+    tty.setraw(master_fd)
+    capture = tmp_path / "bus.pcap"
+    master = LineProcessMaster("uart", os.ttyname(slave_fd), pcap=capture)
+    await master.open()
+    try:
+        assert await master.bus_reset(0.0) is True
+    finally:
+        await master.close()
+        os.close(master_fd)
+        os.close(slave_fd)
+    packets = [p for _ts, p in read_pcap(capture)]
+    assert packets == [bytes((0, Direction.BUS_RESET))]

@@ -32,7 +32,7 @@ from drivers.mdb.device import (
     StateChanged,
     StatusReported,
 )
-from drivers.mdb.master import BusMaster
+from drivers.mdb.master import DEFAULT_MAX_ATTEMPTS, BusMaster
 from tests.mdb_harness import sim_and_master
 from tests.waiting import wait_until
 
@@ -273,10 +273,15 @@ async def test_device_that_never_was_there_stays_offline() -> None:
     async with sim_and_master([sim], slack_s=SLACK_S) as (master, _bus):
         device = MiniChangerDevice(master, rig.events.append, rig.clock)
         async with supervised(device):
+            # Three start-up attempts, each a RESET sent DEFAULT_MAX_ATTEMPTS times.
             await wait_until(
-                lambda: states(rig.events).count(DeviceState.OFFLINE) >= 2, "two attempts"
+                lambda: master.stats.timeouts >= 3 * DEFAULT_MAX_ATTEMPTS, "three attempts"
             )
-            assert DeviceState.READY not in states(rig.events)
+            # Said once, with the reason; no OFFLINE -> STARTING -> OFFLINE flapping.
+            assert states(rig.events) == [DeviceState.OFFLINE]
+            offline = rig.of(StateChanged)[0]
+            assert isinstance(offline, StateChanged) and "no response" in offline.detail
+            assert device.state is DeviceState.OFFLINE
             assert sim.counters.commands == 0
 
 

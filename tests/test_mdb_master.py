@@ -96,6 +96,10 @@ START_UP_POLLS = 3
 LATE_SLACK_S = 0.2
 #: ... so a reply this late misses the reply window and lands in the drain, each by ~0.1 s.
 LATE_S = 0.3
+#: ... and a reply this late misses the drain too and lands in the retransmission's window;
+LATE_AFTER_DRAIN_S = 0.5
+#: the peripheral's answer to the retransmission then follows this much later.
+SECOND_COPY_AFTER_S = 0.1
 
 
 async def req(
@@ -391,6 +395,33 @@ async def test_nak_then_good_reply() -> None:
             reply = await req(master, SETUP.command)
             assert reply.data == b"\x05" and reply.attempts == 2
             await wait_until(lambda: peer.controls == [ACK], "the peer to read our ACK")
+
+
+async def test_answer_to_a_retransmission_is_not_taken_for_the_next_reply() -> None:
+    """The first POLL's reply comes so late that it lands in the retransmission's window and is
+    taken (it is the same command's answer). The peripheral then answers the retransmitted POLL
+    too: that copy must be dropped, not read as the answer to the next command."""
+    item = coin_deposited(1, 1, 3)
+    polls = 0
+
+    def respond(command: CommandReceived) -> bytes:
+        nonlocal polls
+        if command.block[0] == CHANGER | SETUP.command:
+            return encode_reply(reply_block(SETUP_REPLY))
+        polls += 1
+        time.sleep(LATE_AFTER_DRAIN_S if polls == 1 else SECOND_COPY_AFTER_S)
+        return encode_reply(reply_block(item))
+
+    with ScriptedPeer(respond) as peer:
+        async with master_on(peer.port, Timing(slack_s=LATE_SLACK_S)) as master:
+            reply = await req(master, POLL.command, priority=Priority.POLL)
+            assert reply.data == item and reply.attempts == 2
+            copy = len(encode_reply(reply_block(item)))
+            assert master.stats.stale_bytes == copy  # dropped before the request returned
+            assert (await req(master, SETUP.command)).data == SETUP_REPLY
+            assert peer.commands == [bytes((CHANGER | POLL.command,))] * 2 + [
+                bytes((CHANGER | SETUP.command,))
+            ]
 
 
 async def test_a_reply_that_never_ends_does_not_hold_the_line() -> None:

@@ -43,7 +43,8 @@ from drivers.motor.vmc96 import (
     encode_frame,
     encode_request,
 )
-from hil.sim.vmc96 import Vmc96Model, Vmc96Simulator, control, ledger_counts
+from hil.sim.control import call_async as control
+from hil.sim.vmc96 import Vmc96Model, Vmc96Simulator, ledger_counts
 
 # Generous bounds for a loaded 2-core machine: the fast simulator turns in 50 ms.
 TURN_TIMEOUT_S = 2.0
@@ -637,7 +638,7 @@ async def test_open_missing_port_and_close_unopened(tmp_path: Path) -> None:
 
 
 async def ok(path: Path, request: dict[str, object]) -> None:
-    assert await control(path, request) == {"ok": True}
+    assert await control(path, request) == {"ok": True, "result": {}}
 
 
 async def test_simulator_subprocess_with_control_socket(tmp_path: Path) -> None:
@@ -666,8 +667,9 @@ async def test_simulator_subprocess_with_control_socket(tmp_path: Path) -> None:
             for slot in ((0, 0), (0, 1)):
                 result = await run(board, *slot)
                 assert (result.outcome, result.dropped) == (MotorOutcome.TURNED, True)
-            ledger = await control(control_path, {"cmd": "ledger"})
-            assert ledger["ok"] is True
+            answer = await control(control_path, {"cmd": "ledger"})
+            assert answer["ok"] is True
+            ledger = answer["result"]
             assert ledger_counts(ledger["turns"]) == Counter({(0, 0): 1, (0, 1): 1})
             assert ledger_counts(ledger["dropped"]) == Counter({(0, 0): 1, (0, 1): 1})
             assert ledger_counts(ledger["stock"]) == Counter({(0, 1): 1})

@@ -192,8 +192,10 @@ class MdbDevice(abc.ABC):
 
     async def start_up(self) -> None:
         """RESET, POLL until JUST RESET, then the device's own initialisation and enable."""
-        self._set_state(DeviceState.STARTING)
         await self.request(self.RESET_CMD, priority=Priority.RESET)
+        # Announced once the device answers: an absent device stays OFFLINE while it is
+        # retried, instead of flapping OFFLINE -> STARTING -> OFFLINE every retry.
+        self._set_state(DeviceState.STARTING)
         await asyncio.sleep(RESET_SETTLE_S)
         deadline = self._clock() + JUST_RESET_WAIT_S
         while True:
@@ -255,6 +257,8 @@ class MdbDevice(abc.ABC):
                 if not self._reported_offline:
                     log.warning("%s: offline: %s", self.NAME, exc)
                     self._reported_offline = True
+                    if self.state is DeviceState.OFFLINE:  # absent from the start: say so once
+                        self.emit(StateChanged(self.NAME, DeviceState.OFFLINE, str(exc)))
                 else:
                     log.debug("%s: still offline: %s", self.NAME, exc)
                 self._set_state(DeviceState.OFFLINE, str(exc))

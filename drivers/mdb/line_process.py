@@ -170,7 +170,7 @@ def serve(
                 cancelled.discard(req_id)
                 continue
             if op == "break":
-                sent = link.send_break(float(frame["dur"]))
+                sent = engine.bus_reset_blocking(float(frame["dur"]))
                 send({"id": req_id, "ok": True, "sent": sent})
                 continue
             try:

@@ -206,6 +206,8 @@ class BusMaster(MdbBus):
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        # One user of the wire at a time: the line thread's exchanges, a bus reset from another.
+        self._wire = threading.Lock()
         self._decoder = WordDecoder()
         self._framer = ReplyFramer()
         # Per address: the last command sent and the data it answered, for duplicates. Only a
@@ -277,7 +279,7 @@ class BusMaster(MdbBus):
 
     async def bus_reset(self, duration_s: float = 0.1) -> bool:
         """MDB bus reset (BREAK ≥ 100 ms, then 200 ms quiet). False on simulated links."""
-        sent = await asyncio.to_thread(self.link.send_break, duration_s)
+        sent = await asyncio.to_thread(self.bus_reset_blocking, duration_s)
         if sent:
             await asyncio.sleep(BUS_RESET_QUIET_S)
         return sent
@@ -338,7 +340,22 @@ class BusMaster(MdbBus):
         """One exchange from the calling thread (benchmarks and tools without a loop)."""
         return self._exchange(addr_cmd, data, max_attempts)
 
+    def bus_reset_blocking(self, duration_s: float) -> bool:
+        """Send the BREAK (not the quiet time after it) and record it in the capture."""
+        with self._wire:
+            sent = self.link.send_break(duration_s)
+            if sent:
+                self._last_exchange.clear()  # every peripheral starts afresh
+                if self.pcap is not None:
+                    self.pcap.record(Direction.BUS_RESET, b"")
+                log.log(TRACE, "mdb bus reset (BREAK %.3f s)", duration_s)
+        return sent
+
     def _exchange(self, addr_cmd: int, data: bytes, max_attempts: int) -> Reply:
+        with self._wire:
+            return self._exchange_on_wire(addr_cmd, data, max_attempts)
+
+    def _exchange_on_wire(self, addr_cmd: int, data: bytes, max_attempts: int) -> Reply:
         block = command_block(addr_cmd, data)
         address = address_of(addr_cmd)
         if addr_cmd == address:  # RESET (command 0): whatever the device said before is gone
@@ -389,6 +406,7 @@ class BusMaster(MdbBus):
                         event.data.hex(" "),
                         ", duplicate" if duplicate else "",
                     )
+                self._after_retransmission(attempt)
                 return Reply(addr_cmd, event.data, duplicate, attempt, reply_ns, ack_ns)
             if isinstance(event, AckReply):
                 self._last_exchange[address] = (addr_cmd, b"")
@@ -396,7 +414,9 @@ class BusMaster(MdbBus):
                     self.pcap.record(Direction.PERIPHERAL_TO_MASTER, bytes((ACK,)), address)
                 if tracing:
                     log.log(TRACE, "mdb < ACK")
-                return Reply(addr_cmd, b"", False, attempt, time.perf_counter_ns(), 0)
+                reply_ns = time.perf_counter_ns()
+                self._after_retransmission(attempt)
+                return Reply(addr_cmd, b"", False, attempt, reply_ns, 0)
             if isinstance(event, NakReply):
                 naks += 1
                 self.stats.naks_received += 1
@@ -413,15 +433,25 @@ class BusMaster(MdbBus):
             raise NakReceived(address, max_attempts)
         raise NoResponse(address, max_attempts)
 
-    def _drain_until_quiet(self) -> int:
-        """Read and drop bytes until none arrived for one inter-word timeout (bounded)."""
+    def _after_retransmission(self, attempt: int) -> None:
+        """After an answer to a retransmitted command: the answer taken may have been the
+        earlier attempt's late reply, with the retransmission's own reply still to come. Wait
+        one response window for it, so it is not read as the answer to the next command."""
+        if attempt > 1:
+            self.stats.stale_bytes += self._drain_until_quiet(self.timing.first_word_s)
+
+    def _drain_until_quiet(self, first_wait_s: float | None = None) -> int:
+        """Read and drop bytes until none arrived for one inter-word timeout (or, before the
+        first byte, ``first_wait_s``); bounded by MAX_DRAIN_FACTOR response windows."""
         dropped = 0
         deadline = time.monotonic() + self.timing.first_word_s * MAX_DRAIN_FACTOR
+        wait_s = self.timing.next_word_s if first_wait_s is None else first_wait_s
         while time.monotonic() < deadline:
-            chunk = self.link.read(self.timing.next_word_s)
+            chunk = self.link.read(wait_s)
             if not chunk:
                 break
             dropped += len(chunk)
+            wait_s = self.timing.next_word_s
         return dropped
 
     def _read_reply(self) -> ReplyEvent | None:

@@ -12,6 +12,7 @@ Requests:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -151,6 +152,25 @@ class ControlClient(JsonLineClient):
         if not answer.get("ok"):
             raise RuntimeError(answer.get("error", "simulator refused the request"))
         return answer.get("result")
+
+
+async def call_async(
+    path: Path | str, request: dict[str, Any], timeout_s: float = CLIENT_TIMEOUT_S
+) -> dict[str, Any]:
+    """One request on a JSON-lines control socket from asyncio: the whole answer object."""
+    async with asyncio.timeout(timeout_s):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        try:
+            writer.write(json.dumps(request).encode() + b"\n")
+            await writer.drain()
+            line = await reader.readline()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+    answer = json.loads(line)
+    if not isinstance(answer, dict):
+        raise ValueError(f"control answer is not an object: {line!r}")
+    return answer
 
 
 def write_link_file(path: Path | str, port: str) -> None:

@@ -12,14 +12,15 @@ it runs identically inside a test and as a process::
     python -m hil.sim.vmc96 --link-file PATH [--control SOCKET] [--realistic]
 
 writes the pty slave path to PATH and serves until SIGTERM. The optional control socket takes
-JSON lines (one request, one reply per line)::
+JSON lines, answered as the MDB simulators' control socket answers (``hil.sim.control``:
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``)::
 
     {"cmd": "set_stock", "row": 0, "col": 1, "count": 5}
     {"cmd": "fault", "row": 0, "col": 1, "jam": true, "no_motor": false, "missed_drops": 1}
     {"cmd": "fault", "unplugged": true}
     {"cmd": "beam", "blocked": true}
-    {"cmd": "ledger"}   -> {"ok": true, "turns": [[row, col, n], ...], "dropped": [...],
-                            "jams": [...], "stock": [...]}
+    {"cmd": "ledger"}   -> result {"turns": [[row, col, n], ...], "dropped": [...],
+                                   "jams": [...], "stock": [...]}
 
 Model of the board (documented choices where the public VMC96 source is silent):
 
@@ -39,15 +40,12 @@ Model of the board (documented choices where the public VMC96 source is silent):
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import errno
-import json
 import logging
 import os
 import select
 import signal
-import socket
 import sys
 import threading
 import time
@@ -59,6 +57,7 @@ from pathlib import Path
 
 from drivers.errors import MotorError
 from drivers.motor import vmc96 as proto
+from hil.sim.control import ControlServer
 
 log = logging.getLogger("hil.sim.vmc96")
 
@@ -77,12 +76,6 @@ RUN_CURRENT_MA = 180.0
 STALL_CURRENT_MA = 490.0
 VERSION_TEXT = b"VMC96-SIM 1.0"
 
-#: Control socket: a client that sends a line longer than this is disconnected.
-CONTROL_LINE_MAX = 64 * 1024
-#: Control socket: time to send one reply to a client before dropping it.
-T_CONTROL_SEND_S = 1.0
-#: Client side of the control socket: connect + one request + its reply.
-T_CONTROL_S = 5.0
 READ_CHUNK = 1024
 
 
@@ -343,7 +336,7 @@ class Vmc96Simulator:
         self._port = ""
         self._wake_r = -1
         self._wake_w = -1
-        self._listener: socket.socket | None = None
+        self._control: ControlServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._decoder = proto.FrameDecoder()
@@ -369,13 +362,8 @@ class Vmc96Simulator:
         self._port = os.ttyname(self._slave)
         self._wake_r, self._wake_w = os.pipe()
         if self.control_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.control_path)
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(self.control_path)
-            listener.listen(8)
-            listener.setblocking(False)
-            self._listener = listener
+            self._control = ControlServer(self.control_path, self.dispatch)
+            self._control.start()
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="vmc96-sim", daemon=True)
         self._thread.start()
@@ -390,12 +378,9 @@ class Vmc96Simulator:
         os.write(self._wake_w, b"x")
         thread.join(timeout=5.0)
         self._thread = None
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-            if self.control_path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.control_path)
+        if self._control is not None:
+            self._control.stop()
+            self._control = None
         for fd in (self._master, self._slave, self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -451,26 +436,14 @@ class Vmc96Simulator:
     # -- the serving thread --
 
     def _serve(self) -> None:
-        clients: dict[socket.socket, bytearray] = {}
         try:
             while not self._stopping:
-                watched: list[int | socket.socket] = [self._master, self._wake_r, *clients]
-                if self._listener is not None:
-                    watched.append(self._listener)
-                readable, _, _ = select.select(watched, [], [])
-                for ready in readable:
-                    if ready == self._master:
-                        self._on_line_bytes()
-                    elif ready is self._listener and self._listener is not None:
-                        self._accept(clients)
-                    elif isinstance(ready, socket.socket):
-                        self._on_control_bytes(ready, clients)
+                readable, _, _ = select.select([self._master, self._wake_r], [], [])
+                if self._master in readable:
+                    self._on_line_bytes()
         except Exception:
             log.exception("VMC96 simulator thread failed")
             raise
-        finally:
-            for client in clients:
-                client.close()
 
     def _on_line_bytes(self) -> None:
         try:
@@ -503,51 +476,14 @@ class Vmc96Simulator:
                 return
             view = view[written:]
 
-    def _accept(self, clients: dict[socket.socket, bytearray]) -> None:
-        assert self._listener is not None
-        try:
-            client, _ = self._listener.accept()
-        except BlockingIOError:
-            return
-        client.settimeout(T_CONTROL_SEND_S)
-        clients[client] = bytearray()
-
-    def _on_control_bytes(
-        self, client: socket.socket, clients: dict[socket.socket, bytearray]
-    ) -> None:
-        try:
-            data = client.recv(4096)
-        except OSError:
-            data = b""
-        buf = clients[client]
-        buf += data
-        try:
-            while b"\n" in buf:
-                line, _, rest = bytes(buf).partition(b"\n")
-                buf[:] = rest
-                client.sendall(json.dumps(self._control(line)).encode() + b"\n")
-        except OSError:
-            data = b""
-        if not data or len(buf) > CONTROL_LINE_MAX:
-            del clients[client]
-            client.close()
-
-    def _control(self, line: bytes) -> dict[str, object]:
-        try:
-            request = json.loads(line)
-            if not isinstance(request, dict):
-                raise ValueError("request must be a JSON object")
-            return self._dispatch(request)
-        except (ValueError, TypeError, KeyError, MotorError) as exc:
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-
-    def _dispatch(self, request: dict[str, object]) -> dict[str, object]:
+    def dispatch(self, request: dict[str, object]) -> dict[str, object]:
+        """One control request (see the module docstring); raises on a bad one."""
         cmd = request.get("cmd")
         if cmd == "ping":
-            return {"ok": True}
+            return {}
         if cmd == "set_stock":
             self.set_stock(_int(request, "row"), _int(request, "col"), _int(request, "count"))
-            return {"ok": True}
+            return {}
         if cmd == "fault":
             if "unplugged" in request:
                 self.set_unplugged(_bool(request, "unplugged"))
@@ -561,16 +497,15 @@ class Vmc96Simulator:
                         _int(request, "missed_drops") if "missed_drops" in request else None
                     ),
                 )
-            return {"ok": True}
+            return {}
         if cmd == "beam":
             self.set_beam_blocked(_bool(request, "blocked"))
-            return {"ok": True}
+            return {}
         if cmd == "ledger":
             with self._lock:
                 ledger = self.model.ledger()
                 stock = self.model.stock_levels()
             return {
-                "ok": True,
                 "turns": _rows(ledger.turns),
                 "dropped": _rows(ledger.dropped),
                 "jams": _rows(ledger.jams),
@@ -595,25 +530,6 @@ def _bool(request: Mapping[str, object], key: str) -> bool:
 
 def _rows(counts: Mapping[Slot, int]) -> list[list[int]]:
     return [[row, col, n] for (row, col), n in sorted(counts.items()) if n]
-
-
-async def control(
-    path: str | os.PathLike[str], request: Mapping[str, object], *, timeout_s: float = T_CONTROL_S
-) -> dict[str, object]:
-    """Send one request to a simulator's control socket and return its reply."""
-    async with asyncio.timeout(timeout_s):
-        reader, writer = await asyncio.open_unix_connection(os.fspath(path))
-        try:
-            writer.write(json.dumps(request).encode() + b"\n")
-            await writer.drain()
-            line = await reader.readline()
-        finally:
-            writer.close()
-            await writer.wait_closed()
-    reply = json.loads(line)
-    if not isinstance(reply, dict):
-        raise ValueError(f"control reply is not an object: {line!r}")
-    return reply
 
 
 def ledger_counts(rows: object) -> Counter[Slot]:
