@@ -4,6 +4,7 @@ interface; results checked against the simulators' ledgers and the journal."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from hil.harness import Daemon, journal_records, wait_until, write_config
+from hil.harness import Daemon, ExternalSims, journal_records, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -261,3 +262,50 @@ def test_changer_unplugged_mid_payout_is_settled_from_its_counts(daemon: Daemon)
         if r["data"].get("final")
     }
     assert intents == finals  # the payout was closed
+
+
+def test_kill_mid_payout_pays_no_coin_twice_and_keeps_the_rest_as_credit(tmp_path: Path) -> None:
+    # Simulators that outlive the daemon, as the machine's peripherals outlive a crash.
+    sims = ExternalSims(tmp_path / "sims")
+    try:
+        state = tmp_path / "state"
+        config = write_config(
+            tmp_path / "vmc.toml", state, mdb_port=sims.mdb_port, motor_port=sims.motor_port
+        )
+        daemon = Daemon(config, state, sims)
+        daemon.start()
+        daemon.mdb_sim("coin", "set_payout_time", seconds=2.0)
+        daemon.insert_bill(BILL_500)
+        daemon.wait_state(lambda s: s["credit"] == 500, "the bill stacked")
+        before = coins_paid(daemon.mdb_ledger())
+
+        def cancel() -> None:
+            with contextlib.suppress(OSError, ValueError):  # the daemon dies under it
+                daemon.control({"op": "cancel"})
+
+        customer = threading.Thread(target=cancel)
+        customer.start()
+        wait_until(lambda: coins_paid(daemon.mdb_ledger()) > before, 20, "the first coin paid out")
+        daemon.kill()  # SIGKILL with coins still on their way out
+        customer.join(10)
+        paid_at_kill = coins_paid(daemon.mdb_ledger()) - before
+        assert 0 < paid_at_kill < 500
+        # The changer finishes the payout it was given by itself, as a real one does.
+        wait_until(lambda: not daemon.mdb_ledger()["coin"]["busy"], 20, "the payout to end")
+
+        daemon.start()
+        paid = coins_paid(daemon.mdb_ledger()) - before
+        state_now = daemon.wait_state(lambda s: s["in_service"], "back in service", timeout_s=40)
+        assert state_now["credit"] == 500 - paid  # what did not come out is still the customer's
+        cash_out = sum(r["data"]["amount"] for r in records_of(state, "cash_out"))
+        assert cash_out == paid  # every coin that left is on record, none twice
+        intents = {r["data"]["intent_id"] for r in records_of(state, "payout_intent")}
+        closed = {
+            r["data"]["intent_id"] for r in records_of(state, "cash_out") if r["data"].get("final")
+        } | {r["data"]["intent_id"] for r in records_of(state, "recovery")}
+        assert intents and intents <= closed  # the interrupted payout was resolved
+        # Nothing more is paid afterwards: the payout is not repeated.
+        assert coins_paid(daemon.mdb_ledger()) - before == paid
+        assert daemon.stop()[0] == 0
+    finally:
+        sims.stop()
