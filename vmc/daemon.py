@@ -41,6 +41,8 @@ log = structlog.get_logger("vmc.daemon")
 STOP_BUDGET_S = 2.0
 #: Share of the budget given to cancelled tasks before the ports are closed under them.
 TASK_CANCEL_TIMEOUT_S = 1.0
+#: How long a cancelled task gets before it is cancelled again (within the budget above).
+CANCEL_REPEAT_S = 0.1
 #: At start, how long recovery waits for the cash devices to come up and report their own
 #: counters (tube counts, stacker) before it goes on without them (they are then reconciled
 #: as "unknown", see vmc/journal/recovery.py).
@@ -214,7 +216,8 @@ class Daemon:
         self.event_listeners.append(check)
         check()
         try:
-            await asyncio.wait_for(all_ready.wait(), DEVICE_STARTUP_WAIT_S)
+            async with asyncio.timeout(DEVICE_STARTUP_WAIT_S):
+                await all_ready.wait()
         except TimeoutError:
             log.warning(
                 "cash devices not all ready; recovering without their counters",
@@ -314,13 +317,19 @@ class Daemon:
 
     async def shutdown(self) -> None:
         """Cancel and await every task, then close the bus and stop the children."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=TASK_CANCEL_TIMEOUT_S)
+        pending = set(self._tasks)
+        deadline = asyncio.get_running_loop().time() + TASK_CANCEL_TIMEOUT_S
+        while pending:
+            # Cancelled again while still running: on Python 3.11 a cancellation that lands
+            # just as an awaited future completes can be lost (asyncio.wait_for and friends).
             for task in pending:
-                log.error("task did not stop in time", task=task.get_name())
+                task.cancel()
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            _done, pending = await asyncio.wait(pending, timeout=min(left, CANCEL_REPEAT_S))
+        for task in pending:
+            log.error("task did not stop in time", task=task.get_name())
         if self.control is not None:
             await self.control.close()
             self.control = None

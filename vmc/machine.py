@@ -222,7 +222,10 @@ class VendMachine:
     async def run(self) -> None:
         while True:
             try:
-                job = await asyncio.wait_for(self._jobs.get(), TICK_S)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can lose a cancellation
+                # that arrives as a job does, and the daemon could not stop this loop.
+                async with asyncio.timeout(TICK_S):
+                    job = await self._jobs.get()
             except TimeoutError:
                 await self._tick()
                 continue
