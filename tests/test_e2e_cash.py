@@ -309,3 +309,66 @@ def test_kill_mid_payout_pays_no_coin_twice_and_keeps_the_rest_as_credit(tmp_pat
         assert daemon.stop()[0] == 0
     finally:
         sims.stop()
+
+
+def test_maximum_credit_returns_a_bill_over_it_and_stops_taking_money_at_it(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "vmc.toml", state, extra="[vend]\nmax_credit = 600")
+    d = Daemon(config, state)
+    d.start()
+    try:
+        d.insert_bill(BILL_500)
+        d.wait_state(lambda s: s["credit"] == 500, "the first bill stacked")
+        d.insert_bill(BILL_500)  # 10.00 would be over the 6.00 maximum
+        wait_until(lambda: d.mdb_ledger()["bill"]["returned"]["0"] == 1, 20, "bill returned")
+        assert d.state()["state"]["credit"] == 500
+        d.insert_coins(COIN_100)
+        at_max = d.wait_state(
+            lambda s: s["credit"] == 600 and not any(s["accepting"].values()),
+            "credit at the maximum, acceptors off",
+        )
+        assert at_max["max_credit"] == 600
+        decisions = [r["data"]["decision"] for r in records_of(state, "escrow_decision")]
+        assert decisions == ["stack", "return"]
+    finally:
+        assert d.stop()[0] == 0
+
+
+def test_credit_timeout_pays_the_credit_back(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "vmc.toml", state, extra="[vend]\ncredit_timeout_s = 1")
+    d = Daemon(config, state)
+    d.start()
+    try:
+        before = coins_paid(d.mdb_ledger())
+        d.insert_coins(COIN_50, COIN_20)
+        d.wait_state(lambda s: s["credit"] == 70, "credit")
+        # Nobody chooses anything: after the timeout the credit comes back by itself.
+        d.wait_state(lambda s: s["credit"] == 0 and s["phase"] == "idle", "credit paid back")
+        assert coins_paid(d.mdb_ledger()) - before == 70
+        cash_out = records_of(state, "cash_out")
+        assert sum(r["data"]["amount"] for r in cash_out) == 70
+        assert {r["data"]["reason"] for r in cash_out} == {"refund"}
+    finally:
+        assert d.stop()[0] == 0
+
+
+def test_a_slot_disabled_in_the_planogram_refuses(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "vmc.toml", state)
+    with config.open("a") as f:
+        f.write('[[slot]]\nid = "C1"\nrow = 2\ncol = 0\nprice = 100\nstock = 5\nenabled = false\n')
+    d = Daemon(config, state)
+    d.start()
+    try:
+        d.insert_coins(COIN_100)
+        d.wait_state(lambda s: s["credit"] == 100, "credit")
+        assert d.control({"op": "select", "slot": "C1"})["error"] == "slot_disabled"
+        slots = {s["slot"]: s for s in d.state()["state"]["slots"]}
+        assert slots["C1"]["sellable"] is False
+        assert d.state()["state"]["credit"] == 100  # the refusal keeps the credit
+        assert d.motor_sim("ledger")["turns"] == []
+    finally:
+        assert d.stop()[0] == 0
