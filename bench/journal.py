@@ -8,6 +8,9 @@ Measures, in a temporary folder on one disk (DIR, default the system temp folder
    (issue 3 target: >= 0.8);
 3. burst: 50 concurrent appenders (group commit): rate and ratio to raw (target: > 1);
 4. append latency p50/p99 of the sequential appends (informational; 10 ms stated as a guide);
+   and, informational, the ceiling of any design that keeps fsync off the event loop: the same
+   raw write+fsync done by a worker thread for an awaiting coroutine (two thread wake-ups and
+   nothing else), as a ratio to raw;
 5. event-loop lag: lateness of a 1 ms ticker while appending 1,000 records/s (target p99 <= 2 ms),
    beside the same ticker's lateness with no appends (what the loop itself gives on this box).
 Raw, sequential and burst runs alternate over several rounds and the median ratio is reported,
@@ -19,10 +22,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import queue
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -73,6 +78,39 @@ def raw_fsync_rate(directory: Path, seconds: float) -> float:
             n += 1
         elapsed = time.perf_counter() - start
     finally:
+        os.close(fd)
+        path.unlink()
+    return n / elapsed
+
+
+async def handoff_fsync_rate(directory: Path, seconds: float) -> float:
+    """The raw loop's write+fsync, each done by a worker thread while a coroutine awaits it:
+    what the hand-off alone costs, the ceiling for the journal's sequential appends."""
+    loop = asyncio.get_running_loop()
+    jobs: queue.SimpleQueue[asyncio.Future[None] | None] = queue.SimpleQueue()
+    path = directory / "handoff.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def worker() -> None:
+        while (done := jobs.get()) is not None:
+            os.write(fd, RAW_PAYLOAD)
+            os.fsync(fd)
+            loop.call_soon_threadsafe(done.set_result, None)
+
+    thread = threading.Thread(target=worker, name="bench-handoff")
+    thread.start()
+    try:
+        n = 0
+        start = time.perf_counter()
+        while n < MIN_OPS or time.perf_counter() - start < seconds:
+            done: asyncio.Future[None] = loop.create_future()
+            jobs.put(done)
+            await done
+            n += 1
+        elapsed = time.perf_counter() - start
+    finally:
+        jobs.put(None)
+        thread.join()
         os.close(fd)
         path.unlink()
     return n / elapsed
@@ -168,9 +206,11 @@ async def main_async(plan: Plan, directory: Path) -> int:
     journal = await Journal.open(directory / "state", min_free_bytes=0)
     try:
         seq_ratios, burst_ratios, raws, seq_rates, burst_rates = [], [], [], [], []
+        handoff_ratios: list[float] = []
         latencies: list[float] = []
         for _ in range(plan.rounds):
             raw_before = raw_fsync_rate(directory, plan.phase_s)
+            handoff_rate = await handoff_fsync_rate(directory, plan.phase_s)
             seq_rate, lat = await sequential(journal, plan.phase_s)
             burst_rate = await burst(journal, plan.phase_s)
             raw_after = raw_fsync_rate(directory, plan.phase_s)
@@ -179,6 +219,7 @@ async def main_async(plan: Plan, directory: Path) -> int:
             seq_rates.append(seq_rate)
             burst_rates.append(burst_rate)
             seq_ratios.append(seq_rate / raw)
+            handoff_ratios.append(handoff_rate / raw)
             burst_ratios.append(burst_rate / raw)
             latencies.extend(lat)
         commits_before, seq_before = journal.commit_count, journal.last_seq
@@ -213,6 +254,11 @@ async def main_async(plan: Plan, directory: Path) -> int:
     )
     print(f"    per-round ratios          {' '.join(f'{r:.2f}' for r in seq_ratios)}")
     print(f"    fixed cost per append     {overhead_us:10.0f} us beyond one raw fsync (median)")
+    handoff_ratio = statistics.median(handoff_ratios)
+    print(
+        f"    ceiling off the loop      ratio {handoff_ratio:5.2f}: raw write+fsync in a worker "
+        "thread, awaited (informational)"
+    )
     print(
         f"  burst, {BURST_APPENDERS} appenders         {statistics.median(burst_rates):10.0f} /s"
         f"   ratio {burst_ratio:5.2f} (target > {TARGET_BURST_RATIO})  "
