@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 import tty
 from collections.abc import AsyncIterator
@@ -183,3 +184,15 @@ async def test_a_bus_reset_on_a_uart_goes_into_the_capture(tmp_path: Path) -> No
         os.close(slave_fd)
     packets = [p for _ts, p in read_pcap(capture)]
     assert packets == [bytes((0, Direction.BUS_RESET))]
+
+
+async def test_the_child_outlives_a_terminal_ctrl_c_and_a_unit_wide_sigterm(
+    changer: tuple[LineProcessMaster, SimBus, CoinChangerSim],
+) -> None:
+    master, _bus, _sim = changer
+    assert master._proc is not None
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        os.kill(master._proc.pid, stop_signal)
+    # Still serving: only the parent ends the line (close() sends "stop", then SIGKILL).
+    assert (await master.request(COIN_RESET)).is_ack
+    assert master._proc.returncode is None

@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import queue
+import signal
 import socket
 import struct
 import sys
@@ -213,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", action="store_true")
     parser.add_argument("--realtime-priority", type=int)
     args = parser.parse_args(argv)
+    # The parent decides when the line stops ("stop", or EOF when it dies). A Ctrl-C in the
+    # terminal or systemd's SIGTERM to the whole unit must not cut the line under the parent's
+    # orderly shutdown.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)
     logging.basicConfig(
         stream=sys.stderr,
         level=5 if args.trace else logging.WARNING,
