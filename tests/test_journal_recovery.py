@@ -153,6 +153,62 @@ async def test_interrupted_payout_is_derived_from_tube_counts(tmp_path: Path) ->
         await journal.close()
 
 
+async def test_payout_is_measured_against_the_counts_in_its_intent(tmp_path: Path) -> None:
+    """A coin of 20 went into tube 2 and its report was lost (crash before its cash_in), then a
+    payout of 40 took two coins of 20 from the same tube before the next crash: by the records'
+    levels the tube lost only one coin. The intent's own counts (read with acceptance off) tell
+    the payout's two coins apart from the deposit, which reconciliation then finds."""
+    await _crash_after(
+        tmp_path,
+        [
+            *[("cash_in", coin_in(20, 2)) for _ in range(5)],  # the records: 5 coins in tube 2
+            # ... the unrecorded coin makes it 6, as the intent's counts show:
+            (
+                "payout_intent",
+                {"intent_id": "p", "amount": 40, "reason": "refund", "tubes": {"2": 6}},
+            ),
+        ],
+    )
+    facts = DeviceFacts(tube_counts={2: 4}, coin_values=COIN_VALUES)
+    journal, written = await _resolve(tmp_path, facts)
+    try:
+        assert _types(written) == ["cash_out", "recovery"]
+        assert written[0].data["coins"] == {"2": 2} and written[0].data["amount"] == 40
+        (deposit,) = await reconcile_devices(journal, facts)
+        assert (deposit.data["expected"], deposit.data["found"], deposit.data["amount"]) == (
+            3,
+            4,
+            20,
+        )
+        # The found coin is a correction, not credit (docs/journal.md: surplus policy).
+        assert customer_credit(await journal.counters()) == 100 - 40
+    finally:
+        await journal.close()
+
+
+async def test_counts_in_the_intent_exclude_coins_already_recorded(tmp_path: Path) -> None:
+    await _crash_after(
+        tmp_path,
+        [
+            *[("cash_in", coin_in(50, 3)) for _ in range(4)],
+            (
+                "payout_intent",
+                {"intent_id": "p", "amount": 150, "reason": "change", "tubes": {"3": 4}},
+            ),
+            ("cash_out", {"intent_id": "p", "amount": 50, "reason": "change", "coins": {"3": 1}}),
+        ],
+    )
+    # Two coins left in all: one is on record, the other is this payout's; 50 stays owed.
+    journal, written = await _resolve(
+        tmp_path, DeviceFacts(tube_counts={3: 2}, coin_values=COIN_VALUES)
+    )
+    try:
+        assert _types(written) == ["cash_out", "credit", "recovery"]
+        assert written[0].data["coins"] == {"3": 1} and written[1].data["amount"] == 50
+    finally:
+        await journal.close()
+
+
 async def test_payout_never_claims_more_than_was_owed(tmp_path: Path) -> None:
     await _crash_after(
         tmp_path,

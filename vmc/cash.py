@@ -45,6 +45,11 @@ class ChangerPort(Protocol):
 
     def set_accepting(self, accepting: bool) -> None: ...
 
+    async def stop_accepting(self) -> None:
+        """Disable every coin on the wire now and return once the changer took the command:
+        no coin can then enter a tube while a payout's coins leave it."""
+        ...
+
     @property
     def accepting(self) -> bool:
         """The changer is really enabled now (the last COIN TYPE enabled coins)."""
@@ -137,6 +142,9 @@ class MdbChanger:
 
     def set_accepting(self, accepting: bool) -> None:
         self.device.set_enabled(accepting)
+
+    async def stop_accepting(self) -> None:
+        await self.device.stop_accepting_now()
 
     @property
     def accepting(self) -> bool:

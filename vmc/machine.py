@@ -557,9 +557,17 @@ class VendMachine:
         if changer is None or not changer.ready:
             self._publish("payout_short", wanted=amount, paid=0, credit=self.credit)
             return 0
+        # Acceptance off on the wire first, then the tube counts: a coin that entered a tube
+        # during the payout would hide a coin that left it from a recovery that has only the
+        # counts to go by. With the counts in the intent, recovery measures the payout alone;
+        # coins that went in before (and whose report a crash lost) show up as a surplus.
+        await changer.stop_accepting()
+        await changer.refresh_tubes()
+        tubes = {str(t): count for t, (_value, count) in changer.tube_inventory().items()}
         intent_id = _new_id()
         await self.journal.append(
-            "payout_intent", {"intent_id": intent_id, "amount": amount, "reason": reason}
+            "payout_intent",
+            {"intent_id": intent_id, "amount": amount, "reason": reason, "tubes": tubes},
         )
         self._publish("payout_started", amount=amount, reason=reason)
         paid_coins: dict[int, int] = {}
@@ -567,10 +575,11 @@ class VendMachine:
         try:
             # Each round plans what is still owed from the tubes as they are now; a tube that
             # ran short mid-payout is read again and the rest planned from what is left.
-            for _round in range(MAX_PAYOUT_ROUNDS):
+            for round_ in range(MAX_PAYOUT_ROUNDS):
                 if paid_total >= amount:
                     break
-                await changer.refresh_tubes()
+                if round_:
+                    await changer.refresh_tubes()
                 plan = plan_change(amount - paid_total, changer.tube_inventory())
                 if plan is None:
                     break

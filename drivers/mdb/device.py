@@ -212,6 +212,13 @@ class MdbDevice(abc.ABC):
         await self._apply_wanted_enable()
         self._set_state(DeviceState.READY)
 
+    async def stop_accepting_now(self) -> None:
+        """Switch accepting off on the wire now, not at the supervisor's next turn, and return
+        once the peripheral has taken the command (raises MdbError if it did not)."""
+        self.enabled_wanted = False
+        await self.apply_enable(False)
+        self._enabled_applied = False
+
     async def _apply_wanted_enable(self) -> None:
         if self._enabled_applied is not self.enabled_wanted:
             wanted = self.enabled_wanted

@@ -288,6 +288,9 @@ SCHEMAS: Final[dict[str, _Spec]] = {
         "intent_id": (_ident, True),
         "amount": (_money, True),
         "reason": (_one_of(*PAYOUT_REASONS), True),
+        # The tube counts read after coin acceptance was switched off and before the first
+        # coin left: recovery measures the payout against them (module recovery.py).
+        "tubes": (_coins, False),
     },
     "escrow_decision": {
         "intent_id": (_ident, True),

@@ -15,8 +15,10 @@ silently keeps a customer's money:
   loses one product, which is the side we choose to err on.
 - ``vend_intent`` paid by card or QR → ``vend_failed`` + ``refund{amount: price}`` for the backend
   or the reader to return the money.
-- ``payout_intent`` → what was paid is derived from the tube counts (expected − found, coins of
-  the known values, never more than was still owed) and recorded as the final ``cash_out``; the
+- ``payout_intent`` → what was paid is derived from the tube counts (the counts the intent
+  carries, read with acceptance off before the first coin left, less the coins already recorded,
+  less what the tubes hold now; for an intent without counts, the records' levels stand in; coins
+  of the known values, never more than was still owed) and recorded as the final ``cash_out``; the
   rest is ``credit`` (not for an operator's manual payout). Tube counts unknown: ``credit`` for
   all of it; the next reconciliation records the difference as a ``correction``.
 - ``escrow_decision`` → the stacker count tells whether the bill was stacked (``cash_in``) or
@@ -118,24 +120,31 @@ async def _payout(
 ) -> tuple[list[RecordSpec], str, str]:
     data = intent.data
     intent_id, reason = data["intent_id"], data["reason"]
-    already = sum(
-        r.data["amount"]
-        for r in await journal.records_for_intent(intent_id)
-        if r.type == "cash_out"
-    )
+    cash_outs = [r for r in await journal.records_for_intent(intent_id) if r.type == "cash_out"]
+    already = sum(r.data["amount"] for r in cash_outs)
     owed = max(data["amount"] - already, 0)
     specs: list[RecordSpec] = []
     paid = 0
     if facts.tube_counts is not None and facts.coin_values is not None:
-        drop = {
-            t: expected - facts.tube_counts.get(t, 0)
-            for t, expected in tubes.items()
-            if expected > facts.tube_counts.get(t, 0)
-        }
+        found = facts.tube_counts
+        if "tubes" in data:
+            # Counts read with acceptance off just before the first coin left: what is missing
+            # now, less what was recorded, left for this payout (no coin could come in).
+            recorded: dict[int, int] = {}
+            for r in cash_outs:
+                for t, n in r.data["coins"].items():
+                    recorded[int(t)] = recorded.get(int(t), 0) + n
+            drop = {
+                int(t): before - recorded.get(int(t), 0) - found.get(int(t), 0)
+                for t, before in data["tubes"].items()
+            }
+        else:  # an intent written before the counts were kept: the records' levels
+            drop = {t: expected - found.get(t, 0) for t, expected in tubes.items()}
+        drop = {t: n for t, n in drop.items() if n > 0}
         coins = _choose_coins(owed, drop, facts.coin_values)
         paid = sum(n * facts.coin_values[t] for t, n in coins.items())
         for t, n in coins.items():
-            tubes[t] -= n  # the next payout intent must not claim the same coins
+            tubes[t] = tubes.get(t, 0) - n  # the next payout intent must not claim the same coins
         if paid:
             specs.append(
                 (
