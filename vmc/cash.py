@@ -50,6 +50,11 @@ class ChangerPort(Protocol):
         no coin can then enter a tube while a payout's coins leave it."""
         ...
 
+    async def tube_counts_now(self) -> Mapping[int, int]:
+        """coin type → coins in its tube, as the changer answers TUBE STATUS now (not the
+        running counts, which a late POLL item can set to an older value)."""
+        ...
+
     @property
     def accepting(self) -> bool:
         """The changer is really enabled now (the last COIN TYPE enabled coins)."""
@@ -145,6 +150,10 @@ class MdbChanger:
 
     async def stop_accepting(self) -> None:
         await self.device.stop_accepting_now()
+
+    async def tube_counts_now(self) -> Mapping[int, int]:
+        status = await self.device.tube_status()
+        return {t: n for t, (_value, n) in self.device.change_tubes(status).items()}
 
     @property
     def accepting(self) -> bool:

@@ -229,9 +229,14 @@ class Daemon:
         stacker = None
         changer = self.devices.get("coin")
         if isinstance(changer, MdbChangerDevice) and changer.state is DeviceState.READY:
-            tubes = changer.change_tubes()
-            tube_counts = {t: n for t, (_v, n) in tubes.items()}
-            coin_values = {t: v for t, (v, _n) in tubes.items()}
+            try:
+                # Read now (acceptance is still off): the running counts follow POLL items.
+                tubes = changer.change_tubes(await changer.tube_status())
+            except MdbError as exc:
+                log.warning("tube counts unavailable for recovery", error=str(exc))
+            else:
+                tube_counts = {t: n for t, (_v, n) in tubes.items()}
+                coin_values = {t: v for t, (v, _n) in tubes.items()}
         validator = self.devices.get("bill")
         if isinstance(validator, MdbBillDevice) and validator.state is DeviceState.READY:
             try:

@@ -562,8 +562,7 @@ class VendMachine:
         # counts to go by. With the counts in the intent, recovery measures the payout alone;
         # coins that went in before (and whose report a crash lost) show up as a surplus.
         await changer.stop_accepting()
-        await changer.refresh_tubes()
-        tubes = {str(t): count for t, (_value, count) in changer.tube_inventory().items()}
+        tubes = {str(t): n for t, n in (await changer.tube_counts_now()).items()}
         intent_id = _new_id()
         await self.journal.append(
             "payout_intent",

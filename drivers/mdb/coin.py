@@ -671,12 +671,14 @@ class CoinChanger(MdbDevice):
         """Minor units of one coin of this type (0 before SETUP, for unknown types, tokens)."""
         return self.setup.value_of(coin_type) if self.setup is not None else 0
 
-    def change_tubes(self) -> dict[int, tuple[int, int]]:
-        """coin_type -> (value, count) of every tube coin, for ``drivers.mdb.change``."""
-        if self.setup is None or self.tubes is None:
+    def change_tubes(self, tubes: TubeStatus | None = None) -> dict[int, tuple[int, int]]:
+        """coin_type -> (value, count) of every tube coin, for ``drivers.mdb.change``; from
+        ``tubes`` when given, else from the last known counts (which POLL items update)."""
+        tubes = tubes or self.tubes
+        if self.setup is None or tubes is None:
             return {}
         return {
-            c.coin_type: (c.value, self.tubes.count(c.coin_type))
+            c.coin_type: (c.value, tubes.count(c.coin_type))
             for c in self.setup.coins
             if c.routable and c.value > 0
         }
