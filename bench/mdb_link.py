@@ -362,15 +362,11 @@ class RunConfig:
 async def poll_under_load(port: str, config: RunConfig, sim: SimProcess, db_dir: Path) -> RunResult:
     master: MdbBus
     if config.line == "process":
-        process_master = LineProcessMaster(
-            "stream", port, realtime_priority=config.realtime_priority
-        )
-        await process_master.open()
-        master = process_master
+        master = LineProcessMaster("stream", port, realtime_priority=config.realtime_priority)
+        await master.open()
     else:
-        thread_master = BusMaster(StreamLink(port), realtime_priority=config.realtime_priority)
-        thread_master.start()
-        master = thread_master
+        master = BusMaster(StreamLink(port), realtime_priority=config.realtime_priority)
+        master.start()
     sqlite_load = SqliteLoad(db_dir)
     json_load = JsonLoad()
     json_task: asyncio.Task[None] | None = None
@@ -409,19 +405,16 @@ async def poll_under_load(port: str, config: RunConfig, sim: SimProcess, db_dir:
                     raise
         if config.sqlite:
             await asyncio.to_thread(sqlite_load.stop)
-        if config.line == "thread":
-            thread_scheduling = thread_master.scheduling
         await master.close()
     if sqlite_load.error is not None:
         raise RuntimeError(f"SQLite load failed: {sqlite_load.error!r}")
-    scheduling = process_master.scheduling if config.line == "process" else thread_scheduling
     return RunResult(
         done,
         failures,
         elapsed,
         master_ack_ns,
         master.stats,
-        scheduling,
+        master.scheduling,
         json_load,
         sqlite_load.commits,
     )

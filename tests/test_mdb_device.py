@@ -34,12 +34,11 @@ from drivers.mdb.device import (
 )
 from drivers.mdb.master import DEFAULT_MAX_ATTEMPTS, BusMaster
 from tests.mdb_harness import sim_and_master
-from tests.waiting import wait_until
+from tests.waiting import stop_task, wait_until
 
 POLL_INTERVAL_S = 0.01
 ENABLE_MASK = bytes.fromhex("000F0000")
 DISABLE_MASK = bytes(4)
-CANCEL_TRIES = 100
 #: Slack the master adds to the 5 ms response window: generous, so a loaded machine does not
 #: make a start-up exchange fail by accident and change the sequence of states a test expects.
 SLACK_S = 0.1
@@ -124,17 +123,7 @@ async def supervised(device: MdbDevice) -> AsyncIterator[asyncio.Task[None]]:
     finally:
         if task.done():
             task.result()  # raise what killed it
-        # Cancel until it ends: a cancellation that lands just as a reply arrives is swallowed
-        # by BusMaster.request on Python 3.11 (see test_mdb_master's xfail on that), and the
-        # loop would then run on.
-        for _ in range(CANCEL_TRIES):
-            task.cancel()
-            done, _pending = await asyncio.wait({task}, timeout=0.05)
-            if done:
-                break
-        assert task.done(), "the device loop did not stop when cancelled"
-        if not task.cancelled():
-            task.result()
+        await stop_task(task)  # cancels again while it runs on (3.11), raises what it died of
 
 
 def states(events: list[DeviceEvent]) -> list[DeviceState]:

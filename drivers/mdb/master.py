@@ -163,6 +163,8 @@ class MdbBus(abc.ABC):
 
     timing: Timing
     stats: BusStats
+    #: How the line is scheduled, once started (see ``set_realtime_priority``).
+    scheduling: str
 
     @abc.abstractmethod
     def start(self) -> None: ...
