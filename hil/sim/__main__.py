@@ -1,11 +1,14 @@
 """Run simulated MDB peripherals as their own process.
 
     python -m hil.sim --devices coin,bill,cashless --pty-link /tmp/mdb.link [--timing]
-                      [--control /tmp/mdb-sim.sock]
+                      [--control /tmp/mdb-sim.sock] [--state /tmp/sim-mdb.state.json]
     python -m hil.sim --devices coin --tcp 127.0.0.1:5000
 
 With ``--pty-link`` the pty path the VMC should open is written to that file once the bus is
-serving; with ``--tcp`` the simulators listen there (the VMC's port is ``socket://HOST:PORT``).
+serving (and again when ``drop_link`` replaces the pty); with ``--tcp`` the simulators listen
+there (the VMC's port is ``socket://HOST:PORT``). With ``--state`` the devices' physical state
+(tube contents, stacker count, jams) is loaded from that file if it exists and saved to it
+whenever it changes, as real hardware keeps its coins across a restart.
 Stops cleanly on SIGTERM or SIGINT.
 """
 
@@ -19,8 +22,9 @@ import threading
 from types import FrameType
 
 from hil.sim.bus import SimBus
-from hil.sim.control import ControlServer, dispatch, write_link_file
+from hil.sim.control import ControlServer, dispatch
 from hil.sim.peripheral import SimPeripheral
+from hil.sim.state import SimStateFile
 
 #: name -> (module, class) of each simulator; imported on demand.
 SIMULATORS = {
@@ -51,21 +55,33 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--tcp", help="listen on HOST:PORT")
     parser.add_argument("--timing", action="store_true", help="emulate 9600-baud word timing")
     parser.add_argument("--control", help="unix socket path for the control interface")
+    parser.add_argument(
+        "--state", help="keep the devices' physical state (tubes, stacker) in this file"
+    )
     args = parser.parse_args(argv)
 
     peripherals = [make_simulator(n.strip()) for n in args.devices.split(",") if n.strip()]
+    state_file = None
+    if args.state:
+        state_file = SimStateFile(args.state, peripherals)
+        try:
+            state_file.load()
+            state_file.save_if_changed()  # an unwritable path fails here, not mid-session
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"hil.sim: --state {args.state}: {exc}") from exc
     if args.tcp:
         host, _, port = args.tcp.rpartition(":")
         bus = SimBus.on_tcp(peripherals, host or "127.0.0.1", int(port), timing=args.timing)
     else:
         bus = SimBus.on_pty(peripherals, timing=args.timing)
+    bus.state_file = state_file
     control = None
     if args.control:
-        control = ControlServer(args.control, lambda req: dispatch(peripherals, req))
+        control = ControlServer(args.control, lambda req: dispatch(peripherals, req, bus))
         control.start()
     bus.start()
     if args.pty_link:
-        write_link_file(args.pty_link, bus.port)
+        bus.publish_link_file(args.pty_link)
     print(f"hil.sim: {', '.join(p.NAME for p in peripherals)} on {bus.port}", flush=True)
 
     stop = threading.Event()

@@ -10,15 +10,23 @@ Standing conditions (jammed 0x05, cash box out 0x08, disabled 0x09) are reported
 while they hold, as real validators do; one-shot items (routing, rejected, invalid escrow) are
 queued once and kept until the VMC ACKs them (``SimPeripheral``).
 
+A POLL reply carries at most 16 bytes of activity items (MDB 4.2 §6.3, Z1-Z16).
+
 Controls (``control``; JSON objects, arguments beside ``cmd``):
-``insert`` {bill_type} or {value}; ``jam`` {now?}; ``clear_jam`` {bill: "stacked"|"returned"};
-``remove_cashbox``; ``replace_cashbox`` {emptied?}; ``set_escrow_timeout`` {seconds|null}.
+``insert`` {bill_type} or {value}, count?; ``jam`` {now?}; ``clear_jam``
+{bill: "stacked"|"returned"}; ``remove_cashbox``; ``replace_cashbox`` {emptied?};
+``set_escrow_timeout`` {seconds|null}.
+
+``insert`` with ``count`` N is a customer feeding N bills one after another: each is offered
+when the escrow position is free (the one before was stacked or returned), so each still goes
+through escrow; without ``count`` one bill is offered at once, as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -72,6 +80,14 @@ DEFAULT_IDENTITY = BillIdentity("SIM", "000000000001", "BILL-SIM", 0x0100)
 
 #: Standing conditions, in the order they are reported in a POLL.
 _STANDING = (STATUS_JAMMED, STATUS_CASHBOX_OUT, STATUS_DISABLED)
+#: MDB 4.2 §6.3: a validator's POLL reply carries up to 16 bytes of activity (Z1-Z16).
+VALIDATOR_MAX_POLL_BYTES = 16
+#: Most bills one ``insert`` control request feeds in.
+MAX_INSERT_COUNT = 100
+#: Route bits (``1yyyxxxx``) of a bill routing item, and the bill type bits.
+ROUTING_FLAG = 0x80
+ROUTE_BITS = 0x70
+BILL_TYPE_BITS = 0x0F
 
 
 class BillValidatorSim(SimPeripheral):
@@ -81,6 +97,7 @@ class BillValidatorSim(SimPeripheral):
     ADDRESS: ClassVar[int] = BILL_ADDRESS
     POLL_CMD: ClassVar[int] = POLL.command
     JUST_RESET_ITEM: ClassVar[bytes] = status_item(STATUS_JUST_RESET)
+    MAX_POLL_BYTES: ClassVar[int] = VALIDATOR_MAX_POLL_BYTES
 
     def __init__(
         self,
@@ -146,6 +163,11 @@ class BillValidatorSim(SimPeripheral):
         self.attempts_while_disabled = 0
         self.value_stacked = 0
         self.bills_emptied = 0
+        # What the VMC was told: stacked bills whose POLL reply it ACKed.
+        self.acked_stacked_count = 0
+        self.acked_stacked_value = 0
+        # Bills the customer holds ready (``insert`` with count), fed as the escrow frees.
+        self.bills_waiting: deque[int] = deque()
         super().__init__(table_for_level(level))
 
     # --- state helpers (call with the lock held) -------------------------------------------
@@ -188,6 +210,7 @@ class BillValidatorSim(SimPeripheral):
             item = status_item(code)
             if item not in self.poll_items:
                 self.poll_items.append(item)
+        self._feed_waiting()
         if self._attempts_pending and not any(
             len(i) == 1 and i[0] & ATTEMPTS_MASK == ATTEMPTS_FLAG for i in self.poll_items
         ):
@@ -233,6 +256,14 @@ class BillValidatorSim(SimPeripheral):
             self._to_stacker(bill)
         else:
             self._return(bill)
+        self._feed_waiting()
+
+    def _feed_waiting(self) -> list[str]:
+        """Offer the customer's waiting bills while the escrow position is free."""
+        outcomes: list[str] = []
+        while self.bills_waiting and self.escrow_bill is None:
+            outcomes.append(self.insert(self.bills_waiting.popleft()))
+        return outcomes
 
     def _type_of_value(self, value: int) -> int | None:
         matches = [
@@ -275,6 +306,13 @@ class BillValidatorSim(SimPeripheral):
             return self._to_stacker(bill_type)
 
     # --- SimPeripheral ---------------------------------------------------------------------
+
+    def on_items_acked(self, items: list[bytes]) -> None:
+        for item in items:
+            first = item[0]
+            if first & ROUTING_FLAG and first & ROUTE_BITS == int(BillRoute.STACKED) << 4:
+                self.acked_stacked_count += 1
+                self.acked_stacked_value += self.setup_reply.value_of(first & BILL_TYPE_BITS)
 
     def on_reset(self) -> None:
         self.enable_mask = 0
@@ -384,7 +422,21 @@ class BillValidatorSim(SimPeripheral):
             bill_type = self._type_of_value(value)
         else:
             raise ValueError("insert needs bill_type or value")
-        return {"bill_type": bill_type, "outcome": self.insert(bill_type)}
+        if "count" not in request:
+            return {"bill_type": bill_type, "outcome": self.insert(bill_type)}
+        count = request["count"]
+        if not isinstance(count, int) or not 1 <= count <= MAX_INSERT_COUNT:
+            raise ValueError(f"insert: count must be 1..{MAX_INSERT_COUNT}: {count!r}")
+        if bill_type is None:
+            raise ValueError("insert: count needs a bill the validator knows")
+        self.bills_waiting.extend([bill_type] * count)
+        outcomes = self._feed_waiting()
+        return {
+            "bill_type": bill_type,
+            "outcome": outcomes[0] if outcomes else "waiting",
+            "outcomes": outcomes,
+            "waiting": len(self.bills_waiting),
+        }
 
     def _control_clear_jam(self, request: dict[str, Any]) -> dict[str, Any]:
         where = request.get("bill", "stacked")
@@ -416,7 +468,37 @@ class BillValidatorSim(SimPeripheral):
                 "stacker_count": self.stacker_count,
                 "bills_emptied": self.bills_emptied,
                 "value_stacked": self.value_stacked,
+                "stacked_total": {"count": sum(self.stacked), "value": self.value_stacked},
+                "acked_stacked": {
+                    "count": self.acked_stacked_count,
+                    "value": self.acked_stacked_value,
+                },
+                "bills_waiting": len(self.bills_waiting),
             }
+
+    # --- what survives a power cycle -------------------------------------------------------
+
+    def physical_state(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "stacker_count": self.stacker_count,
+                "cashbox_in": self.cashbox_in,
+                "jammed": self.jammed,
+                "jammed_bill": self.jammed_bill,
+            }
+
+    def load_physical_state(self, state: dict[str, Any]) -> None:
+        with self.lock:
+            count = int(state.get("stacker_count", 0))
+            if not 0 <= count <= STACKER_COUNT_MASK:
+                raise ValueError(f"saved state: stacker_count {count} out of range")
+            jammed_bill = state.get("jammed_bill")
+            if jammed_bill is not None and not 0 <= int(jammed_bill) < MAX_BILL_TYPES:
+                raise ValueError(f"saved state: jammed_bill {jammed_bill!r} out of range")
+            self.stacker_count = count
+            self.cashbox_in = bool(state.get("cashbox_in", True))
+            self.jammed = bool(state.get("jammed", False))
+            self.jammed_bill = None if jammed_bill is None else int(jammed_bill)
 
     def status(self) -> dict[str, Any]:
         with self.lock:
@@ -435,5 +517,6 @@ class BillValidatorSim(SimPeripheral):
                 "cashbox_in": self.cashbox_in,
                 "stacker_count": self.stacker_count,
                 "stacker_full": self.stacker_full,
+                "bills_waiting": len(self.bills_waiting),
             }
             return out

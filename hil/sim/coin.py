@@ -6,7 +6,10 @@ The model (documented choices where the standard leaves room):
 
 * Coins inserted while their type is disabled by COIN TYPE go back to the return cup and are
   reported as deposited with route "rejected"; unknown coins are slugs (``001xxxxx``).
-  Accepted coins go to their tube while it is below capacity, else to the cashbox.
+  Accepted coins go to their tube while it is below capacity, else to the cashbox; ``insert``
+  may force the route (``"route": "cashbox"|"tubes"``) and insert several coins one after
+  another (``"count": N``): each is its own POLL item, byte-identical when nothing differs.
+* One POLL reply carries at most 16 bytes of activity items (MDB 4.2 §5.3, Z1-Z16).
 * A DISPENSE or PAYOUT keeps the changer busy for ``payout_time_s``; its coins leave the tubes
   evenly over that time (evaluated lazily from the injectable clock, so a fake clock gives
   exact, repeatable behaviour). While busy every POLL carries 0x02 payout busy, PAYOUT STATUS
@@ -61,6 +64,12 @@ DEFAULT_PAYOUT_TIME_S = 0.5
 #: Manual dispense reports carry the count in 3 bits.
 MAX_MANUAL_COUNT = 7
 MAX_SLUGS_PER_ITEM = 0x1F
+#: MDB 4.2 §5.3: a changer's POLL reply carries up to 16 bytes of activity (Z1-Z16).
+CHANGER_MAX_POLL_BYTES = 16
+#: Most coins one ``insert`` control request drops in one after another.
+MAX_INSERT_COUNT = 255
+#: ``insert``'s "route" values: where an accepted coin is made to go.
+FORCED_ROUTES = {"cashbox": CoinRoute.CASHBOX, "tubes": CoinRoute.TUBES}
 
 # --- reply encoders (changer -> VMC) ------------------------------------------------------
 
@@ -192,10 +201,26 @@ class _PaidOut:
     manual: int = 0
 
 
+@dataclass(slots=True)
+class _Reported:
+    """Coins reported in POLL replies the VMC ACKed; ``value`` in minor units."""
+
+    count: int = 0
+    value: int = 0
+
+    def add(self, count: int, value: int) -> None:
+        self.count += count
+        self.value += value
+
+    def as_dict(self) -> dict[str, int]:
+        return {"count": self.count, "value": self.value}
+
+
 class CoinChangerSim(SimPeripheral):
     """A coin changer on the simulated bus (see the module docstring for the model).
 
-    Controls (``control({"cmd": ...})``): ``insert`` {coin_type} or {value}; ``lever``;
+    Controls (``control({"cmd": ...})``): ``insert`` {coin_type} or {value}, route?, count?;
+    ``lever``;
     ``manual_dispense`` {coin_type, count=1}; ``set_tube`` {coin_type, count, capacity?};
     ``jam`` {kind: coin|tube|unplugged, after?}; ``clear_jam`` {kind?};
     ``set_payout_time`` {seconds}.
@@ -205,6 +230,7 @@ class CoinChangerSim(SimPeripheral):
     ADDRESS = ADDRESS
     POLL_CMD = POLL.command
     JUST_RESET_ITEM = bytes((STATUS_JUST_RESET,))
+    MAX_POLL_BYTES = CHANGER_MAX_POLL_BYTES
 
     def __init__(
         self,
@@ -270,6 +296,9 @@ class CoinChangerSim(SimPeripheral):
         self._paid = [_PaidOut() for _ in self.coins]
         self._slugs = 0
         self._returned_value = 0  # coins that went back to the cup (other than slugs)
+        # What the VMC was told: items whose POLL reply it ACKed.
+        self._acked_deposited = _Reported()
+        self._acked_dispensed_manually = _Reported()
         super().__init__(command_table(level))
 
     # --- helpers -----------------------------------------------------------------------
@@ -380,6 +409,22 @@ class CoinChangerSim(SimPeripheral):
                 if self.clock() < self._busy_until and busy_item not in self.poll_items:
                     self.queue_item(busy_item)
             return super().answer(command)
+
+    def on_items_acked(self, items: list[bytes]) -> None:
+        for item in items:
+            first = item[0]
+            coin_type = first & 0x0F
+            if coin_type >= len(self.coins) or len(item) < 2:
+                continue
+            value = self.coins[coin_type].value
+            if first & 0x80:  # 1yyyxxxx: coins dispensed manually, yyy of them
+                count = first >> 4 & MAX_MANUAL_COUNT
+                self._acked_dispensed_manually.add(count, count * value)
+            elif first & 0xC0 == 0x40 and CoinRoute(first >> 4 & 0x03) in (
+                CoinRoute.CASHBOX,
+                CoinRoute.TUBES,
+            ):
+                self._acked_deposited.add(1, value)
 
     def on_data_acked(self, data: bytes) -> None:
         action, self._on_ack = self._on_ack, None
@@ -498,6 +543,28 @@ class CoinChangerSim(SimPeripheral):
         else:
             value = int(request["value"])
             coin_type = next((t for t, c in enumerate(self.coins) if c.value == value), None)
+        count = int(request.get("count", 1))
+        if not 1 <= count <= MAX_INSERT_COUNT:
+            raise ValueError(f"insert: count must be 1..{MAX_INSERT_COUNT}, not {count}")
+        forced = request.get("route")
+        if forced is not None and forced not in FORCED_ROUTES:
+            raise ValueError(f"insert: route must be one of {sorted(FORCED_ROUTES)}: {forced!r}")
+        route = FORCED_ROUTES[forced] if forced is not None else None
+        if route is CoinRoute.TUBES:
+            if coin_type is None or not self.coins[coin_type].routable:
+                raise ValueError("insert: that coin has no tube to be routed to")
+            coin = self.coins[coin_type]
+            if coin.count + count > coin.capacity:
+                room = coin.capacity - coin.count
+                raise ValueError(f"insert: tube {coin_type} has room for {room} coin(s) only")
+        results = [self._insert_one(coin_type, route) for _ in range(count)]
+        answer = dict(results[-1])
+        if "count" in request:
+            answer["coins"] = results
+        return answer
+
+    def _insert_one(self, coin_type: int | None, forced: CoinRoute | None) -> dict[str, Any]:
+        """One coin dropped into the acceptor; ``forced``: where it goes if accepted."""
         if self.acceptor_unplugged or self.coin_jam:
             if coin_type is not None:
                 self._returned_value += self.coins[coin_type].value
@@ -513,6 +580,9 @@ class CoinChangerSim(SimPeripheral):
             route = CoinRoute.REJECTED
             self._inserted[coin_type].rejected += 1
             self._returned_value += coin.value
+        elif forced is CoinRoute.CASHBOX:
+            route = CoinRoute.CASHBOX
+            self._inserted[coin_type].cashbox += 1
         elif coin.routable and coin.count < coin.capacity:
             route = CoinRoute.TUBES
             coin.count += 1
@@ -588,8 +658,54 @@ class CoinChangerSim(SimPeripheral):
                     for t, p in enumerate(self._paid)
                 },
                 "tubes": {str(t): c.count for t, c in enumerate(self.coins) if c.routable},
+                "deposited": {
+                    "count": sum(i.tubes + i.cashbox for i in self._inserted),
+                    "value": value_in,
+                },
+                "acked_deposited": self._acked_deposited.as_dict(),
+                "acked_dispensed_manually": self._acked_dispensed_manually.as_dict(),
                 "value_in": value_in,
                 "value_out": value_out,
                 "value_returned": self._returned_value,
                 "busy": self.clock() < self._busy_until,
             }
+
+    # --- what survives a power cycle ---------------------------------------------------
+
+    def physical_state(self) -> dict[str, Any]:
+        with self.lock:
+            self._advance()
+            return {
+                "tubes": {
+                    str(t): {"count": c.count, "capacity": c.capacity}
+                    for t, c in enumerate(self.coins)
+                    if c.routable
+                },
+                "coin_jam": self.coin_jam,
+                "tube_jam": self.tube_jam,
+                "acceptor_unplugged": self.acceptor_unplugged,
+            }
+
+    def load_physical_state(self, state: dict[str, Any]) -> None:
+        with self.lock:
+            tubes = state.get("tubes", {})
+            for key, tube in tubes.items():
+                coin_type = int(key)
+                if not 0 <= coin_type < len(self.coins) or not self.coins[coin_type].routable:
+                    raise ValueError(f"saved state: coin type {key} has no tube here")
+                count, capacity = int(tube["count"]), int(tube["capacity"])
+                if not 0 <= count <= capacity <= 0xFF:
+                    raise ValueError(f"saved state: tube {key}: need 0 <= count <= capacity <= 255")
+                self.coins[coin_type].count = count
+                self.coins[coin_type].capacity = capacity
+            self.coin_jam = bool(state.get("coin_jam", False))
+            self.tube_jam = bool(state.get("tube_jam", False))
+            self.acceptor_unplugged = bool(state.get("acceptor_unplugged", False))
+            # A condition still present at power-up is reported again after JUST RESET.
+            for present, status in (
+                (self.acceptor_unplugged, STATUS_ACCEPTOR_UNPLUGGED),
+                (self.coin_jam, STATUS_COIN_JAM),
+                (self.tube_jam, STATUS_TUBE_JAM),
+            ):
+                if present:
+                    self.queue_item(bytes((status,)))

@@ -5,8 +5,11 @@ object on a line: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": ".
 
 Requests:
 * ``{"cmd": "status"}`` / ``{"cmd": "ledger"}``: every device's status / ledger, by name;
+* ``{"cmd": "drop_link", "seconds": S}``: the port disappears for S seconds (``SimBus``);
+* ``{"cmd": "link"}``: whether the port is up, its path or URL, how often it was dropped;
 * ``{"device": NAME, "cmd": "fault", <Faults fields>}``: set faults (``garbage`` as hex);
 * ``{"device": NAME, "cmd": "reset_itself"}``: an unsolicited reset;
+* ``{"device": NAME, "cmd": "flush"}``: send the POLL items held back by ``batch_items``;
 * ``{"device": NAME, "cmd": ..., ...}``: anything else goes to that device's ``control``.
 """
 
@@ -21,9 +24,12 @@ import socketserver
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hil.sim.peripheral import Faults, SimPeripheral
+
+if TYPE_CHECKING:  # the bus imports this module (write_link_file)
+    from hil.sim.bus import SimBus
 
 #: Longest request line accepted (a control request is small).
 MAX_REQUEST_BYTES = 64 * 1024
@@ -31,22 +37,53 @@ CLIENT_TIMEOUT_S = 5.0
 
 
 def apply_faults(faults: Faults, request: dict[str, Any]) -> None:
+    """Check every field first, then set them all: a bad request changes nothing."""
+    values: dict[str, Any] = {}
     for key, value in request.items():
         if key in ("cmd", "device"):
             continue
         if key not in Faults.__dataclass_fields__:
             raise KeyError(f"unknown fault {key!r}")
+        kind = type(getattr(faults, key))
         if key == "garbage":
             value = bytes.fromhex(value)
-        setattr(faults, key, type(getattr(faults, key))(value))
+        elif kind is bool:
+            if value not in (True, False):  # 1 and 0 too
+                raise ValueError(f"fault {key!r} takes true or false, not {value!r}")
+            value = bool(value)
+        else:
+            value = kind(value)
+            if value < 0:
+                raise ValueError(f"fault {key!r} must not be negative: {value}")
+        values[key] = value
+    for key, value in values.items():
+        setattr(faults, key, value)
 
 
-def dispatch(peripherals: list[SimPeripheral], request: dict[str, Any]) -> Any:
+def dispatch(
+    peripherals: list[SimPeripheral], request: dict[str, Any], bus: SimBus | None = None
+) -> Any:
+    """Answer one control request. ``bus``: the bus serving ``peripherals``, for the link
+    controls and to save the physical state (``--state``) after the request."""
+    try:
+        return _dispatch(peripherals, request, bus)
+    finally:
+        if bus is not None:
+            bus.save_state()  # outside every device's lock: the save takes each in turn
+
+
+def _dispatch(peripherals: list[SimPeripheral], request: dict[str, Any], bus: SimBus | None) -> Any:
     cmd = request.get("cmd")
     if cmd == "status":
         return {p.NAME: p.status() for p in peripherals}
     if cmd == "ledger":
         return {p.NAME: p.ledger() for p in peripherals}
+    if cmd in ("drop_link", "link") and "device" not in request:
+        if bus is None:
+            raise KeyError(f"{cmd}: no bus to control here")
+        if cmd == "link":
+            return bus.link_status()
+        return bus.drop_link(float(request["seconds"]))
     name = request.get("device")
     matches = [p for p in peripherals if name == p.NAME]
     if not matches:
@@ -59,6 +96,8 @@ def dispatch(peripherals: list[SimPeripheral], request: dict[str, Any]) -> Any:
         if cmd == "reset_itself":
             device.reset_itself()
             return {}
+        if cmd == "flush":
+            return {"queued": device.flush()}
         return device.control(request)
 
 

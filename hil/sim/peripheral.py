@@ -8,7 +8,12 @@ VMC decodes them with. The base class does what every MDB peripheral does the sa
   without an ACK in between (the ACK was lost), send the very same data again;
 * RET from the VMC: send the last reply again;
 * RESET: forget set-up, queue JUST RESET;
-* fault injection (``Faults``), applied by the bus when it sends the reply.
+* several activity items in one POLL reply, up to the device's ``MAX_POLL_BYTES``; with
+  ``Faults.batch_items`` queued items are held back until that many are waiting (or ``flush``);
+* a self-reset a set number of commands from now (``Faults.reset_after_commands``);
+* fault injection (``Faults``), applied by the bus when it sends the reply;
+* the physical state that outlives a power cycle (``physical_state``), saved by
+  ``hil.sim.state`` when the simulators run with ``--state``.
 
 Subclasses implement ``handle`` for their other commands and keep a ledger of what physically
 happened (coins in and out, bills stacked, ...), which tests compare with the VMC's journal.
@@ -26,6 +31,9 @@ from drivers.mdb.commands import CommandTable
 
 #: Most activity items one POLL reply carries (MDB 4.2 §5.3: up to 16 for a coin changer).
 MAX_POLL_ITEMS = 16
+#: Most bytes of activity items one POLL reply carries when the device's section of the
+#: standard sets no lower limit: a whole block less its CHK.
+MAX_POLL_BYTES_IN_A_BLOCK = MAX_BLOCK_LEN - 1
 
 
 @dataclass(slots=True)
@@ -39,6 +47,9 @@ class Faults:
     lose_acks: int = 0  # the next N ACKs from the VMC go unheard: the data is sent again
     garbage: bytes = b""  # written once, before the next reply
     unplugged: bool = False  # silent to everything
+    nak_replies: int = 0  # the next N commands are refused with NAK (and not carried out)
+    reset_after_commands: int = 0  # the device resets itself after N more commands (0: never)
+    batch_items: int = 0  # a setting, not a counter: hold POLL items until N are queued
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +60,9 @@ class Faults:
             "lose_acks": self.lose_acks,
             "garbage": self.garbage.hex(),
             "unplugged": self.unplugged,
+            "nak_replies": self.nak_replies,
+            "reset_after_commands": self.reset_after_commands,
+            "batch_items": self.batch_items,
         }
 
 
@@ -60,6 +74,8 @@ class PeripheralCounters:
     rets: int = 0
     resends_after_lost_ack: int = 0
     resets: int = 0
+    naks_sent: int = 0
+    self_resets: int = 0  # resets of its own (reset_itself, reset_after_commands)
 
 
 class SimPeripheral(abc.ABC):
@@ -70,6 +86,9 @@ class SimPeripheral(abc.ABC):
     POLL_CMD: ClassVar[int]  # command offset of POLL for this class
     RESET_CMD: ClassVar[int] = 0x00
     JUST_RESET_ITEM: ClassVar[bytes]  # the POLL item that reports JUST RESET
+    #: Most bytes of activity items in one POLL reply (a coin changer and a bill validator
+    #: report at most 16, MDB 4.2 §5.3 and §6.3 Z1-Z16).
+    MAX_POLL_BYTES: ClassVar[int] = MAX_POLL_BYTES_IN_A_BLOCK
 
     def __init__(self, table: CommandTable) -> None:
         self.table = table
@@ -81,6 +100,8 @@ class SimPeripheral(abc.ABC):
         self._in_flight_data: bytes | None = None
         self.last_reply: bytes | None = None  # for RET
         self._awaiting_ack = False
+        self._release_held_items = False  # ``flush``: send held items without a full batch
+        self._self_reset_due = False  # reset_after_commands ran out: reset before the next one
         self.power_up()
 
     # --- for subclasses ------------------------------------------------------------------
@@ -107,6 +128,15 @@ class SimPeripheral(abc.ABC):
         """What physically happened, for comparison with the VMC's records."""
         return {}
 
+    def physical_state(self) -> dict[str, Any]:
+        """What a power cycle does not change (tube contents, a stacker's count, a jam): saved
+        with ``--state`` and given back to ``load_physical_state`` at the next start. JSON-able;
+        empty for a device with nothing physical to keep."""
+        return {}
+
+    def load_physical_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Take back what ``physical_state`` returned in an earlier run."""
+
     # --- shared mechanics ----------------------------------------------------------------
 
     def length_of(self) -> LengthOf:
@@ -125,7 +155,31 @@ class SimPeripheral(abc.ABC):
         """An unsolicited reset (brown-out, watchdog): the VMC must notice and start us up."""
         with self.lock:
             self.counters.resets += 1
+            self.counters.self_resets += 1
+            self._self_reset_due = False
             self.power_up()
+
+    def reset_if_due(self) -> None:
+        """The bus calls this before each command: a self-reset armed by
+        ``reset_after_commands`` happens between the N-th command's exchange and the next one,
+        so the N-th reply is whole and its ACK heard."""
+        with self.lock:
+            if self._self_reset_due:
+                self.reset_itself()
+
+    def command_taken(self) -> None:
+        """The bus calls this after each command answered: count towards a self-reset."""
+        with self.lock:
+            if self.faults.reset_after_commands > 0:
+                self.faults.reset_after_commands -= 1
+                self._self_reset_due = self.faults.reset_after_commands == 0
+
+    def flush(self) -> int:
+        """Let the next POLL carry the items held back by ``batch_items``; returns how many
+        are queued."""
+        with self.lock:
+            self._release_held_items = bool(self.poll_items)
+            return len(self.poll_items)
 
     def queue_item(self, item: bytes) -> None:
         with self.lock:
@@ -161,13 +215,18 @@ class SimPeripheral(abc.ABC):
             return self._sent(reply, awaiting=bool(reply))
 
     def _take_items(self) -> list[bytes]:
+        batch = self.faults.batch_items
+        if batch > 1 and len(self.poll_items) < batch and not self._release_held_items:
+            return []  # held back: the device reports in batches
         items: list[bytes] = []
         size = 0
         for item in self.poll_items:
-            if len(items) >= MAX_POLL_ITEMS or size + len(item) > MAX_BLOCK_LEN - 1:
+            if len(items) >= MAX_POLL_ITEMS or size + len(item) > self.MAX_POLL_BYTES:
                 break
             items.append(item)
             size += len(item)
+        if items:
+            self._release_held_items = False
         return items
 
     def _sent(self, data: bytes, awaiting: bool = False) -> bytes:
