@@ -7,6 +7,10 @@ Two set-ups:
 * external: the test starts ``python -m hil.sim`` and ``python -m hil.sim.vmc96`` itself and
   the daemon opens their ptys as if they were hardware. The simulators then outlive a daemon
   killed with SIGKILL, with their ledgers, which the crash campaign needs.
+
+Output stays in files for a post-mortem: the daemon's stdout and stderr in ``daemon.log`` beside
+its state folder (appended to at every start), the external simulators' in ``mdb-sim.log`` and
+``motor-sim.log`` in their work folder.
 """
 
 from __future__ import annotations
@@ -119,6 +123,11 @@ class ExternalSims:
         self.motor_link = workdir / "motor.link"
         self.motor_control = workdir / "motor.sock"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # Their output stays in the work directory, for a post-mortem.
+        self.mdb_log = workdir / "mdb-sim.log"
+        self.motor_log = workdir / "motor-sim.log"
+        mdb_log = open(self.mdb_log, "ab")  # noqa: SIM115 - handed to the child
+        motor_log = open(self.motor_log, "ab")  # noqa: SIM115 - handed to the child
         self.mdb = subprocess.Popen(
             [
                 sys.executable,
@@ -132,8 +141,10 @@ class ExternalSims:
                 str(self.mdb_control),
             ],
             env=env,
-            stdout=subprocess.DEVNULL,
+            stdout=mdb_log,
+            stderr=subprocess.STDOUT,
         )
+        mdb_log.close()
         stock_args = [
             arg
             for _id, row, col, _price, stock in slots or DEFAULT_SLOTS
@@ -152,19 +163,24 @@ class ExternalSims:
                 *motor_args,
             ],
             env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=motor_log,
+            stderr=subprocess.STDOUT,
         )
-        wait_until(
-            lambda: self.mdb_link.exists() and self.motor_link.exists(),
-            START_TIMEOUT_S,
-            "the simulators' pty paths",
-        )
-        wait_until(
-            lambda: self.mdb_control.exists() and self.motor_control.exists(),
-            START_TIMEOUT_S,
-            "the simulators' control sockets",
-        )
+        motor_log.close()
+        try:
+            wait_until(
+                lambda: self.mdb_link.exists() and self.motor_link.exists(),
+                START_TIMEOUT_S,
+                "the simulators' pty paths",
+            )
+            wait_until(
+                lambda: self.mdb_control.exists() and self.motor_control.exists(),
+                START_TIMEOUT_S,
+                "the simulators' control sockets",
+            )
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def mdb_port(self) -> str:
