@@ -17,9 +17,11 @@ Controls (``control``; JSON objects, arguments beside ``cmd``):
 {bill: "stacked"|"returned"}; ``remove_cashbox``; ``replace_cashbox`` {emptied?};
 ``set_escrow_timeout`` {seconds|null}.
 
-``insert`` with ``count`` N is a customer feeding N bills one after another: each is offered
-when the escrow position is free (the one before was stacked or returned), so each still goes
-through escrow; without ``count`` one bill is offered at once, as before.
+``insert`` with ``count`` N is a customer feeding N bills one after another: the first is
+offered at once, each next one just after a POLL has been answered and only while the escrow
+position is free (the one before was stacked or returned), so each still goes through escrow
+and each is reported in a POLL reply of its own; without ``count`` one bill is offered at
+once, as before (and refused while another waits in escrow).
 """
 
 from __future__ import annotations
@@ -210,7 +212,6 @@ class BillValidatorSim(SimPeripheral):
             item = status_item(code)
             if item not in self.poll_items:
                 self.poll_items.append(item)
-        self._feed_waiting()
         if self._attempts_pending and not any(
             len(i) == 1 and i[0] & ATTEMPTS_MASK == ATTEMPTS_FLAG for i in self.poll_items
         ):
@@ -256,14 +257,12 @@ class BillValidatorSim(SimPeripheral):
             self._to_stacker(bill)
         else:
             self._return(bill)
-        self._feed_waiting()
 
-    def _feed_waiting(self) -> list[str]:
-        """Offer the customer's waiting bills while the escrow position is free."""
-        outcomes: list[str] = []
-        while self.bills_waiting and self.escrow_bill is None:
-            outcomes.append(self.insert(self.bills_waiting.popleft()))
-        return outcomes
+    def _feed_one_waiting(self) -> str | None:
+        """Offer the customer's next waiting bill if the escrow position is free."""
+        if self.bills_waiting and self.escrow_bill is None:
+            return self.insert(self.bills_waiting.popleft())
+        return None
 
     def _type_of_value(self, value: int) -> int | None:
         matches = [
@@ -328,9 +327,14 @@ class BillValidatorSim(SimPeripheral):
 
     def answer(self, command: CommandReceived) -> bytes | None:
         with self.lock:
-            if command.addr_cmd & 0x07 == self.POLL_CMD and not self.faults.unplugged:
+            is_poll = command.addr_cmd & 0x07 == self.POLL_CMD and not self.faults.unplugged
+            if is_poll:
                 self._before_poll()
-            return super().answer(command)
+            reply = super().answer(command)
+            if is_poll:
+                # The customer's next bill goes in after this POLL was answered.
+                self._feed_one_waiting()
+            return reply
 
     def handle(self, command: CommandReceived) -> bytes | None:
         with self.lock:
@@ -430,11 +434,10 @@ class BillValidatorSim(SimPeripheral):
         if bill_type is None:
             raise ValueError("insert: count needs a bill the validator knows")
         self.bills_waiting.extend([bill_type] * count)
-        outcomes = self._feed_waiting()
+        outcome = self._feed_one_waiting()
         return {
             "bill_type": bill_type,
-            "outcome": outcomes[0] if outcomes else "waiting",
-            "outcomes": outcomes,
+            "outcome": "waiting" if outcome is None else outcome,
             "waiting": len(self.bills_waiting),
         }
 

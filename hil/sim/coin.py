@@ -8,7 +8,10 @@ The model (documented choices where the standard leaves room):
   reported as deposited with route "rejected"; unknown coins are slugs (``001xxxxx``).
   Accepted coins go to their tube while it is below capacity, else to the cashbox; ``insert``
   may force the route (``"route": "cashbox"|"tubes"``) and insert several coins one after
-  another (``"count": N``): each is its own POLL item, byte-identical when nothing differs.
+  another (``"count": N``): the first drops in at once, each next one just after a POLL has
+  been answered, as coins a customer feeds in arrive at about the VMC's polling pace. So each
+  is reported in its own POLL reply, byte-identical to the one before when nothing differs
+  (unless ``batch_items`` gathers them, or a lost ACK makes two ride together).
 * One POLL reply carries at most 16 bytes of activity items (MDB 4.2 §5.3, Z1-Z16).
 * A DISPENSE or PAYOUT keeps the changer busy for ``payout_time_s``; its coins leave the tubes
   evenly over that time (evaluated lazily from the injectable clock, so a fake clock gives
@@ -28,6 +31,7 @@ The model (documented choices where the standard leaves room):
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -299,6 +303,8 @@ class CoinChangerSim(SimPeripheral):
         # What the VMC was told: items whose POLL reply it ACKed.
         self._acked_deposited = _Reported()
         self._acked_dispensed_manually = _Reported()
+        # Coins of an ``insert`` with count still in the customer's hand: (type, forced route).
+        self.coins_waiting: deque[tuple[int | None, CoinRoute | None]] = deque()
         super().__init__(command_table(level))
 
     # --- helpers -----------------------------------------------------------------------
@@ -404,11 +410,16 @@ class CoinChangerSim(SimPeripheral):
     def answer(self, command: CommandReceived) -> bytes | None:
         with self.lock:
             self._advance()
-            if command.addr_cmd & 0x07 == self.POLL_CMD:
+            is_poll = command.addr_cmd & 0x07 == self.POLL_CMD
+            if is_poll:
                 busy_item = bytes((STATUS_PAYOUT_BUSY,))
                 if self.clock() < self._busy_until and busy_item not in self.poll_items:
                     self.queue_item(busy_item)
-            return super().answer(command)
+            reply = super().answer(command)
+            if is_poll and self.coins_waiting:
+                # The customer's next coin drops in after this POLL was answered.
+                self._insert_one(*self.coins_waiting.popleft())
+            return reply
 
     def on_items_acked(self, items: list[bytes]) -> None:
         for item in items:
@@ -557,10 +568,10 @@ class CoinChangerSim(SimPeripheral):
             if coin.count + count > coin.capacity:
                 room = coin.capacity - coin.count
                 raise ValueError(f"insert: tube {coin_type} has room for {room} coin(s) only")
-        results = [self._insert_one(coin_type, route) for _ in range(count)]
-        answer = dict(results[-1])
+        answer = self._insert_one(coin_type, route)
+        self.coins_waiting.extend([(coin_type, route)] * (count - 1))
         if "count" in request:
-            answer["coins"] = results
+            answer["waiting"] = len(self.coins_waiting)
         return answer
 
     def _insert_one(self, coin_type: int | None, forced: CoinRoute | None) -> dict[str, Any]:
@@ -664,6 +675,7 @@ class CoinChangerSim(SimPeripheral):
                 },
                 "acked_deposited": self._acked_deposited.as_dict(),
                 "acked_dispensed_manually": self._acked_dispensed_manually.as_dict(),
+                "coins_waiting": len(self.coins_waiting),
                 "value_in": value_in,
                 "value_out": value_out,
                 "value_returned": self._returned_value,

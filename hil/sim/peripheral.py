@@ -226,7 +226,8 @@ class SimPeripheral(abc.ABC):
             items.append(item)
             size += len(item)
         if items:
-            self._release_held_items = False
+            # A released batch flows out whole, over as many replies as it takes.
+            self._release_held_items = len(items) < len(self.poll_items)
         return items
 
     def _sent(self, data: bytes, awaiting: bool = False) -> bytes:
