@@ -12,7 +12,15 @@ docs/control.md for the full reference. Requests:
   (``{"event": "credit", "credit": 150, ...}``) until the client disconnects;
 * ``{"op": "ping"}`` → ``{"ok": true}``.
 
-A bad line gets ``{"ok": false, "error": "bad_request", "message": ...}``; the connection stays.
+A bad line gets ``{"ok": false, "error": "bad_request", "message": ...}``; the connection stays,
+except after a line longer than ``MAX_LINE_BYTES``: that one is answered, then the connection is
+closed (the rest of the long line could not be told from the next request).
+
+When the daemon stops: ``refuse_requests`` first (``select``, ``cancel`` and ``subscribe`` get
+``{"ok": false, "error": "closing"}``; ``state`` and ``ping`` are still answered), then ``close``:
+subscribers get the ``closing`` event and their stream ends after it; a request still waiting
+for the machine (a vend that did not finish in the stop budget) gets ``closing`` too; then every
+connection is closed. A client handler is never cancelled while it can still answer.
 """
 
 from __future__ import annotations
@@ -21,8 +29,9 @@ import asyncio
 import contextlib
 import json
 import os
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -33,18 +42,44 @@ log = structlog.get_logger("vmc.control")
 #: Longest request line accepted: requests are tiny; this bounds a misbehaving client.
 MAX_LINE_BYTES = 16 * 1024
 SOCKET_MODE = 0o660
-#: At shutdown, how long client handlers get to finish after their connections are closed.
+#: At shutdown, how long client handlers get to write their last line (a subscriber its
+#: ``closing`` event, a waiting request its ``closing`` answer) and end by themselves.
 CLIENT_CLOSE_WAIT_S = 0.3
+
+T = TypeVar("T")
+
+CLOSING_UNFINISHED = (
+    "the daemon stopped before this request finished; the journal holds what was done and "
+    "the next start settles the rest (a vend that did not finish keeps the credit)"
+)
 
 
 class ControlServer:
     """Serves the control interface on a unix socket."""
 
-    def __init__(self, path: Path, machine: VendMachine) -> None:
+    def __init__(
+        self,
+        path: Path,
+        machine: VendMachine,
+        *,
+        extra_state: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
         self.path = path
         self.machine = machine
+        self._extra_state = extra_state
         self._server: asyncio.AbstractServer | None = None
         self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        #: Clients answering a request or streaming events (the others wait for a line).
+        self._busy: set[asyncio.Task[None]] = set()
+        self._refusing: str | None = None
+        self._closing = asyncio.Event()
+
+    def state(self) -> dict[str, Any]:
+        """STATE: the machine's snapshot and what the daemon adds (``mdb_link``)."""
+        state = self.machine.snapshot()
+        if self._extra_state is not None:
+            state.update(self._extra_state())
+        return state
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -55,20 +90,32 @@ class ControlServer:
         os.chmod(self.path, SOCKET_MODE)
         log.info("control interface listening", socket=str(self.path))
 
+    def refuse_requests(self, reason: str) -> None:
+        """From now on ``select``, ``cancel`` and ``subscribe`` are answered ``closing``."""
+        self._refusing = reason
+
     async def close(self) -> None:
+        if self._refusing is None:
+            self._refusing = "the daemon is stopping"
         if self._server is not None:
-            self._server.close()
+            self._server.close()  # no new connections
+            self._closing.set()  # requests still waiting are answered "closing"
             self.machine.hub.publish({"event": "closing"})  # ends every subscriber's stream
-            # Close each client's connection so its handler sees the end and returns by itself;
-            # cancel only the ones still busy (a select that is vending) after a short wait.
-            for writer in self._clients.values():
-                writer.close()
+            # Busy handlers write their last line and return by themselves.
+            busy = set(self._busy)
+            if busy:
+                _done, busy = await asyncio.wait(busy, timeout=CLIENT_CLOSE_WAIT_S)
+            # The others wait for a request line: closing their connection ends them.
+            for task, writer in list(self._clients.items()):
+                if task not in busy:
+                    writer.close()
             if self._clients:
-                _done, busy = await asyncio.wait(self._clients, timeout=CLIENT_CLOSE_WAIT_S)
-                for task in busy:
-                    task.cancel()
-                if busy:
-                    await asyncio.wait(busy, timeout=CLIENT_CLOSE_WAIT_S)
+                _done, stuck = await asyncio.wait(self._clients, timeout=CLIENT_CLOSE_WAIT_S)
+                for task in stuck:
+                    self._clients[task].close()
+                    task.cancel()  # the handler ends quietly when cancelled
+                if stuck:
+                    await asyncio.wait(stuck, timeout=CLIENT_CLOSE_WAIT_S)
             await self._server.wait_closed()
             self._server = None
         with contextlib.suppress(FileNotFoundError):
@@ -91,6 +138,7 @@ class ControlServer:
                     break
                 if not line.strip():
                     continue
+                self._busy.add(task)
                 try:
                     answer, subscribe = await self._answer(line)
                 except Exception as exc:  # a machine bug must not take the socket down
@@ -101,13 +149,35 @@ class ControlServer:
                 if subscribe:
                     await self._stream_events(writer)
                     break
+                self._busy.discard(task)
+                if self._closing.is_set():
+                    break
         except (ConnectionError, BrokenPipeError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # Only close() cancels a handler, as a last resort, once its connection is closed.
+            # Ending quietly keeps asyncio's stream callback from logging a traceback.
+            pass
         finally:
+            self._busy.discard(task)
             self._clients.pop(task, None)
             writer.close()
-            with contextlib.suppress(ConnectionError, BrokenPipeError):
+            with contextlib.suppress(ConnectionError, BrokenPipeError, asyncio.CancelledError):
                 await writer.wait_closed()
+
+    async def _unless_closing(self, work: Awaitable[T]) -> T | None:
+        """``work``'s result, or None if the daemon closes the interface first (``work`` is
+        then cancelled: the machine's step goes on until the machine itself is stopped)."""
+        job = asyncio.ensure_future(work)
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({job, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+        if job.done():
+            return job.result()
+        job.cancel()
+        return None
 
     async def _answer(self, line: bytes) -> tuple[dict[str, Any], bool]:
         try:
@@ -121,17 +191,24 @@ class ControlServer:
         if op == "ping":
             return {"ok": True}, False
         if op == "state":
-            return {"ok": True, "state": machine.snapshot()}, False
+            return {"ok": True, "state": self.state()}, False
+        if op not in ("subscribe", "select", "cancel"):
+            return _error("bad_request", f"unknown op {op!r}"), False
+        if self._refusing is not None:
+            return _error("closing", self._refusing), False
         if op == "subscribe":
-            return {"ok": True, "state": machine.snapshot()}, True
+            return {"ok": True, "state": self.state()}, True
         if op == "select":
             slot = request.get("slot")
             if not isinstance(slot, str):
                 return _error("bad_request", 'select needs "slot": a slot id'), False
-            return await machine.select(slot), False
-        if op == "cancel":
-            return await machine.cancel(), False
-        return _error("bad_request", f"unknown op {op!r}"), False
+            result = await self._unless_closing(machine.select(slot))
+        else:
+            result = await self._unless_closing(machine.cancel())
+        if result is None:
+            log.info("control request not finished before the stop", op=op)
+            return _error("closing", CLOSING_UNFINISHED), False
+        return result, False
 
     async def _stream_events(self, writer: asyncio.StreamWriter) -> None:
         queue = self.machine.hub.subscribe()

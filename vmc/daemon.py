@@ -1,9 +1,22 @@
 """The vmc daemon: brings the machine up, keeps it running, and stops it cleanly.
 
-Start-up order: state folder → simulators (when configured) → MDB bus master and devices →
-supervised tasks. Every task is created by ``Daemon`` and awaited on the way out; SIGTERM or
-SIGINT stops the daemon within ``STOP_BUDGET_S``: tasks cancelled and awaited, the bus master's
-line thread joined, every port closed, simulator children terminated.
+Start-up order: state folder → journal → simulators (when configured) → MDB bus master and
+devices → motor board → vend cycle, control interface, recovery → "vmc running", logged only
+once the acceptors the machine wants on are enabled on the wire (or it has decided it cannot
+take money: then it says why, at WARNING).
+
+Every task is created by ``Daemon`` and awaited on the way out. SIGTERM or SIGINT (and every
+fatal error that ends the daemon) stops it within ``STOP_BUDGET_S``, in this order:
+
+1. wind-down, bounded by ``WIND_DOWN_TIMEOUT_S``, while the bus master and the journal are
+   still open: the control interface refuses new selections, the machine takes a ``stopping``
+   fault (it wants no money any more), every acceptor and reader is disabled on the wire
+   (``MdbDevice.stop_accepting_now``), the vend cycle's current step may finish, and the devices
+   poll on until they are quiet, so that money already in flight is reported and journaled;
+2. the control interface closes: subscribers get ``closing``, a request still waiting gets
+   ``{"ok": false, "error": "closing"}``;
+3. tasks cancelled and awaited, the motor board and the bus master closed, the journal closed,
+   simulator children terminated.
 """
 
 from __future__ import annotations
@@ -14,14 +27,20 @@ import signal
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
 from drivers.errors import DriverError, MdbError
 from drivers.mdb.bill import BillValidator as MdbBillDevice
 from drivers.mdb.coin import CoinChanger as MdbChangerDevice
-from drivers.mdb.device import DeviceEvent, DeviceState, MdbDevice, StateChanged
+from drivers.mdb.device import (
+    DeviceEvent,
+    DeviceState,
+    MdbDevice,
+    StateChanged,
+    StatusReported,
+)
 from drivers.mdb.line_process import LineProcessMaster
 from drivers.mdb.master import Timing
 from drivers.motor.base import MotorBoard
@@ -39,8 +58,16 @@ log = structlog.get_logger("vmc.daemon")
 
 #: SIGTERM to exit: systemd's TimeoutStopSec is 5 s; we promise 2 s.
 STOP_BUDGET_S = 2.0
+#: Share of the budget for the wind-down with the bus still open: acceptors off on the wire,
+#: the vend cycle's current step, the devices' last reports. A vend that needs longer is cut
+#: (its intent stays open; start-up recovery settles it) and its client told "closing".
+WIND_DOWN_TIMEOUT_S = 0.8
+#: Within the wind-down: how long disabling the acceptors on the wire may take.
+ACCEPTORS_OFF_TIMEOUT_S = 0.4
+#: The devices count as quiet after this many of their POLL intervals without a report.
+QUIET_POLLS = 2
 #: Share of the budget given to cancelled tasks before the ports are closed under them.
-TASK_CANCEL_TIMEOUT_S = 1.0
+TASK_CANCEL_TIMEOUT_S = 0.3
 #: How long a cancelled task gets before it is cancelled again (within the budget above).
 CANCEL_REPEAT_S = 0.1
 #: At start, how long recovery waits for the cash devices to come up and report their own
@@ -49,6 +76,33 @@ CANCEL_REPEAT_S = 0.1
 DEVICE_STARTUP_WAIT_S = 10.0
 #: How often the daemon prunes acknowledged records past their retention.
 PRUNE_INTERVAL_S = 24 * 3600.0
+#: At start, how long "vmc running" waits for the acceptors to be enabled on the wire.
+ACCEPTING_WAIT_S = 5.0
+#: How often that wait looks again (the enable goes out at a device's next POLL turn).
+ACCEPTING_CHECK_S = 0.01
+#: The key of the machine fault while the daemon stops (no money is taken any more).
+STOPPING_FAULT = "stopping"
+#: The key of the machine fault while the MDB link is down.
+MDB_LINK_FAULT = "mdb"
+
+LinkListener = Callable[[bool, str], None]
+
+
+@runtime_checkable
+class LinkReporting(Protocol):
+    """A bus master that reports its link (``drivers.mdb.line_process.LineProcessMaster``):
+    while the link is down it reopens the port itself and requests fail with LinkClosed."""
+
+    link_up: bool
+    #: Why the link is down, or the port while it is up.
+    link_detail: str
+
+    def add_link_listener(self, listener: LinkListener) -> None:
+        """``listener(up, detail)`` on the event loop at every change."""
+
+
+#: The embedded MDB simulator's physical state (tubes, stacker), in the state folder.
+SIM_MDB_STATE_FILE = "sim-mdb.state.json"
 
 
 def _device_classes() -> dict[str, type[MdbDevice]]:
@@ -76,6 +130,11 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._failure: BaseException | None = None
+        self._vend_task: asyncio.Task[None] | None = None
+        #: The MDB link as the control interface shows it: {"state": "up"|"down", "detail"}.
+        self.mdb_link: dict[str, str] | None = None
+        self._last_device_event = 0.0
+        self._shut_down = False
 
     # --- task supervision ------------------------------------------------------------------
 
@@ -116,6 +175,9 @@ class Daemon:
             args = ["--devices", ",".join(wanted)]
             if mdb.sim_timing:
                 args.append("--timing")
+            # The simulated devices keep their coins and bills across restarts, as hardware
+            # does: otherwise every restart would journal tube corrections.
+            args += ["--state", str(self.state_dir / SIM_MDB_STATE_FILE)]
             child = await start_child(
                 "mdb",
                 "hil.sim",
@@ -136,6 +198,7 @@ class Daemon:
             realtime_priority=mdb.realtime_priority,
         )
         await self.master.open()
+        self._watch_link(self.master, port)
         if mdb.realtime_priority and not self.master.scheduling.startswith("SCHED_FIFO"):
             # Works, with a longer ACK tail under load (bench/README.md has the figures).
             log.warning(
@@ -164,7 +227,63 @@ class Daemon:
             self.devices[name] = device
             self.spawn(f"mdb-{name}", device.run())
 
+    # --- MDB link ---------------------------------------------------------------------------
+
+    def _watch_link(self, master: object, port: str) -> None:
+        if not isinstance(master, LinkReporting):
+            self.mdb_link = {"state": "up", "detail": port}  # open() succeeded; no reports
+            return
+        self.mdb_link = {"state": "up" if master.link_up else "down", "detail": master.link_detail}
+        master.add_link_listener(self._on_link)
+        if not master.link_up:
+            self._link_changed(False, master.link_detail)
+
+    def _on_link(self, up: bool, detail: str) -> None:
+        """The bus master's link changed (called on the loop)."""
+        if self._shut_down:
+            return
+        was_up = self.mdb_link is None or self.mdb_link["state"] == "up"
+        self.mdb_link = {"state": "up" if up else "down", "detail": detail}
+        if up == was_up:
+            # Still down, for a new reason (a reopening failed): no news for the operator.
+            log.debug("mdb link still down" if not up else "mdb link detail", detail=detail)
+            return
+        self._link_changed(up, detail)
+
+    def _link_changed(self, up: bool, detail: str) -> None:
+        if up:
+            log.info("mdb link up again", detail=detail)
+        else:
+            log.warning("mdb link down", detail=detail)
+        if self.machine is not None:
+            self.machine.set_fault(MDB_LINK_FAULT, None if up else f"MDB link down: {detail}")
+            self.machine.hub.publish(
+                {"event": "link", "state": "up" if up else "down", "detail": detail}
+            )
+        state = "recovered" if up else "offline"
+        self.spawn("journal-mdb-link", self._journal_link(state, detail))
+
+    async def _journal_link(self, state: str, detail: str) -> None:
+        if self.journal is None:
+            return
+        try:
+            await self.journal.append(
+                "device", {"device": "mdb", "state": state, "detail": detail[:200]}
+            )
+        except VmcError as exc:
+            log.warning("mdb link change not journaled", state=state, error=str(exc))
+
+    def _control_state(self) -> dict[str, Any]:
+        """What the control interface adds to the machine's STATE."""
+        return {"mdb_link": dict(self.mdb_link) if self.mdb_link else None}
+
+    # --- devices ----------------------------------------------------------------------------
+
     def _on_device_event(self, event: DeviceEvent) -> None:
+        if not isinstance(event, StateChanged | StatusReported):
+            # Money and what leads to it (coins, bills, levers, sessions): the stop waits for
+            # the devices to be quiet of these.
+            self._last_device_event = asyncio.get_running_loop().time()
         if isinstance(event, StateChanged):
             log.info(
                 "device state", device=event.device, state=event.state.value, detail=event.detail
@@ -262,12 +381,67 @@ class Daemon:
         journal.on_health(lambda ok, reason: machine.set_fault("journal", None if ok else reason))
         if not journal.writable:
             machine.set_fault("journal", journal.health_reason or "journal not writable")
-        self.spawn("vend-cycle", machine.run())
-        self.control = ControlServer(Path(self.config.control.socket), machine)
+        if self.mdb_link is not None and self.mdb_link["state"] == "down":
+            machine.set_fault(MDB_LINK_FAULT, f"MDB link down: {self.mdb_link['detail']}")
+        self._vend_task = self.spawn("vend-cycle", machine.run())
+        self.control = ControlServer(
+            Path(self.config.control.socket), machine, extra_state=self._control_state
+        )
         await self.control.start()
         facts = await self._device_facts()
         await machine.submit(lambda: machine.recover(facts))
         self.spawn("journal-prune", self._prune_daily())
+
+    async def _until_accepting(self) -> None:
+        """Wait (bounded) until every acceptor the machine wants on is enabled on the wire: the
+        machine asks for it at once, a device applies it at its next POLL turn."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ACCEPTING_WAIT_S
+        while True:
+            waiting = [
+                name
+                for name, device in self.devices.items()
+                if device.enabled_wanted
+                and device.state is DeviceState.READY
+                and not device.accepting
+            ]
+            if not waiting:
+                return
+            if loop.time() > deadline:
+                log.warning("acceptors not enabled in time", devices=waiting)
+                return
+            await asyncio.sleep(ACCEPTING_CHECK_S)
+
+    def _log_running(self) -> None:
+        machine = self.machine
+        assert machine is not None
+        snapshot = machine.snapshot()
+        accepting: dict[str, bool] = snapshot["accepting"]
+        if snapshot["in_service"] and any(accepting.values()):
+            log.info(
+                "vmc running",
+                accepting=accepting,
+                credit=snapshot["credit"],
+                mdb_link=(self.mdb_link or {}).get("state", ""),
+            )
+            return
+        if snapshot["faults"]:
+            why = "; ".join(f"{key}: {reason}" for key, reason in snapshot["faults"].items())
+        elif not accepting:
+            why = "no coin changer or bill validator configured"
+        elif snapshot["credit"] >= snapshot["max_credit"]:
+            why = "the credit is at the maximum"
+        else:
+            why = "no acceptor is ready: " + ", ".join(
+                f"{name} {state}" for name, state in snapshot["devices"].items()
+            )
+        log.warning(
+            "vmc running, not taking money",
+            why=why,
+            accepting=accepting,
+            faults=snapshot["faults"],
+            devices=snapshot["devices"],
+        )
 
     async def _prune_daily(self) -> None:
         journal = self.journal
@@ -305,7 +479,8 @@ class Daemon:
             await self._start_mdb()
             await self._start_motor(stock)
             await self._start_machine()
-            log.info("vmc running")
+            await self._until_accepting()
+            self._log_running()
             await self._stop.wait()
             log.info("vmc stopping")
         except (VmcError, DriverError) as exc:
@@ -321,7 +496,12 @@ class Daemon:
         return 0
 
     async def shutdown(self) -> None:
-        """Cancel and await every task, then close the bus and stop the children."""
+        """Wind down with the bus still open, close the control interface, cancel and await
+        every task, then close the bus and the journal and stop the children."""
+        await self._wind_down()
+        if self.control is not None:
+            await self.control.close()
+            self.control = None
         pending = set(self._tasks)
         deadline = asyncio.get_running_loop().time() + TASK_CANCEL_TIMEOUT_S
         while pending:
@@ -335,9 +515,7 @@ class Daemon:
             _done, pending = await asyncio.wait(pending, timeout=min(left, CANCEL_REPEAT_S))
         for task in pending:
             log.error("task did not stop in time", task=task.get_name())
-        if self.control is not None:
-            await self.control.close()
-            self.control = None
+        self._shut_down = True
         if self.motor is not None:
             with contextlib.suppress(DriverError):
                 await self.motor.close()
@@ -348,14 +526,96 @@ class Daemon:
         if self.journal is not None:
             await self.journal.close()
             self.journal = None
-        for child in self.children:
-            with contextlib.suppress(ProcessLookupError):
-                await child.stop()
+        if self.children:
+            await asyncio.gather(*(_stop_child(child) for child in self.children))
         self.children.clear()
+
+    async def _wind_down(self) -> None:
+        """Stop taking money on the wire, then let what is in flight finish and be journaled:
+        the vend cycle's current step, and what the devices report in their next POLLs."""
+        if self.control is not None:
+            self.control.refuse_requests("the daemon is stopping")
+        if self.machine is not None:
+            # The machine wants no money any more: nothing enables an acceptor again.
+            self.machine.set_fault(STOPPING_FAULT, "the daemon is stopping")
+        if not self.devices and self.machine is None:
+            return
+        started = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(WIND_DOWN_TIMEOUT_S):
+                await self._acceptors_off()
+                await self._until_quiet()
+        except TimeoutError:
+            log.warning(
+                "stop: wind-down cut short",
+                timeout_s=WIND_DOWN_TIMEOUT_S,
+                phase=self.machine.phase.value if self.machine is not None else "",
+            )
+        else:
+            log.info(
+                "stop: acceptors off, devices quiet",
+                seconds=round(asyncio.get_running_loop().time() - started, 3),
+            )
+
+    async def _acceptors_off(self) -> None:
+        """Disable every acceptor and reader on the wire (and wait for each to take it)."""
+        live = {
+            name: device
+            for name, device in self.devices.items()
+            if device.state in (DeviceState.READY, DeviceState.FAULT)
+        }
+        for device in self.devices.values():
+            device.set_enabled(False)  # and one that is starting up stays disabled
+        if self.master is None or not live:
+            return
+
+        async def off(name: str, device: MdbDevice) -> None:
+            try:
+                await device.stop_accepting_now()
+            except DriverError as exc:
+                log.warning("stop: could not disable on the wire", device=name, error=str(exc))
+
+        try:
+            async with asyncio.timeout(ACCEPTORS_OFF_TIMEOUT_S):
+                await asyncio.gather(*(off(name, device) for name, device in live.items()))
+        except TimeoutError:
+            log.warning("stop: disabling the acceptors took too long", devices=list(live))
+
+    async def _until_quiet(self) -> None:
+        """Let the machine finish its current step and the devices report what was in flight:
+        quiet once no device reported anything for ``QUIET_POLLS`` of the slowest POLL interval
+        and the machine has handled everything queued before (a job through its queue)."""
+        loop = asyncio.get_running_loop()
+        quiet_s = QUIET_POLLS * max(
+            (device.poll_interval_s for device in self.devices.values()), default=0.0
+        )
+        quiet_from = loop.time()
+        while True:
+            await self._machine_caught_up()
+            last = max(quiet_from, self._last_device_event)
+            left = last + quiet_s - loop.time()
+            if left <= 0:
+                return
+            await asyncio.sleep(left)
+
+    async def _machine_caught_up(self) -> None:
+        machine = self.machine
+        if machine is None or self._vend_task is None or self._vend_task.done():
+            return
+        await machine.submit(_nothing)
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+async def _nothing() -> None:
+    """A job for the vend cycle whose completion says every job queued before it is done."""
+
+
+async def _stop_child(child: Child) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        await child.stop()
 
 
 def _event_fields(event: DeviceEvent) -> dict[str, Any]:

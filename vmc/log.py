@@ -60,6 +60,11 @@ _METHOD_LEVELS: Mapping[str, int] = {
     "fatal": logging.CRITICAL,
 }
 _FIRST_KEYS = ("ts", "level", "logger", "event")
+# The name each level number is shown with.
+_LEVEL_NAMES: Mapping[int, str] = {
+    **{number: name for name, number in LEVELS.items()},
+    logging.CRITICAL: "critical",
+}
 
 logging.addLevelName(TRACE, "TRACE")
 
@@ -128,8 +133,10 @@ def _add_timestamp(_logger: WrappedLogger, _method: str, event_dict: EventDict) 
 def _add_level(_logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
     record = event_dict.get("_record")
     if isinstance(record, logging.LogRecord) and not event_dict.get("_from_structlog"):
-        # A stdlib record: its own level name (TRACE included once addLevelName ran).
-        event_dict["level"] = record.levelname.lower()
+        # A stdlib record (drivers, and the MDB line process's records, which its parent logs
+        # again with their numeric level): named by number, so level 5 is "trace" whoever
+        # registered which level names.
+        event_dict["level"] = _LEVEL_NAMES.get(record.levelno) or record.levelname.lower()
     else:
         event_dict["level"] = {"warn": "warning", "exception": "error"}.get(
             method_name, method_name

@@ -60,6 +60,10 @@ log = logging.getLogger("vmc.journal")
 T = TypeVar("T")
 
 JOURNAL_FILE: Final = "journal.sqlite3"
+#: Beside the database, ``journal.sqlite3.id``: the journal id (J) of the database, written at
+#: every open where it is missing or different. A start that must create a new database while
+#: this file names a journal knows that one was lost, and says so at ERROR (docs/journal.md).
+JOURNAL_ID_SUFFIX: Final = ".id"
 APPLICATION_ID: Final = 0x564D434A  # "VMCJ" in the SQLite header: marks the file as ours
 
 DEFAULT_MIN_FREE_BYTES: Final = 20 * 1024 * 1024  # issue 3: stop taking money below 20 MiB free
@@ -307,6 +311,49 @@ def move_aside(path: Path, moment: datetime) -> tuple[str, ...]:
         side = path.with_name(path.name + suffix)
         if side.exists():
             kept.append(str(_link_aside(side, kept_db.with_name(kept_db.name + suffix))))
+    _fsync_dir(path.parent)
+    return tuple(kept)
+
+
+def journal_id_marker(path: Path) -> Path:
+    """The file beside the database ``path`` that records its journal id."""
+    return path.with_name(path.name + JOURNAL_ID_SUFFIX)
+
+
+def read_journal_id_marker(path: Path) -> str | None:
+    """The journal id recorded beside the database ``path`` (None: no marker)."""
+    try:
+        return journal_id_marker(path).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:  # unreadable: still evidence of a journal
+        return f"unreadable marker ({exc})"
+
+
+def write_journal_id_marker(path: Path, journal_id: str) -> None:
+    """Record ``journal_id`` beside the database: a temporary file, fsync, rename, fsync."""
+    marker = journal_id_marker(path)
+    tmp = marker.with_name(marker.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, (journal_id + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, marker)
+    _fsync_dir(path.parent)
+
+
+def _move_orphans_aside(path: Path, sides: list[Path], moment: datetime) -> tuple[str, ...]:
+    """Rename a lost database's leftover ``-wal``/``-shm`` to ``<name>.missing-<UTC time>-wal``
+    (``-shm``), never over an existing file."""
+    stamp = moment.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    kept = []
+    for side in sides:
+        if side.exists():
+            suffix = side.name[len(path.name) :]
+            target = path.with_name(f"{path.name}.missing-{stamp}{suffix}")
+            kept.append(str(_link_aside(side, target)))
     _fsync_dir(path.parent)
     return tuple(kept)
 
@@ -697,20 +744,60 @@ class _Writer(threading.Thread):
             for p in path.parent.glob(f"{path.name}.corrupt-*")
             if not p.name.endswith(("-wal", "-shm"))
         )
+        previous_id = read_journal_id_marker(path) if fresh else None
+        orphans: tuple[str, ...] = ()
+        if fresh:
+            # A -wal/-shm without its database: what is left of a lost journal. SQLite would
+            # overwrite it; keep it for forensics instead, as a damaged database is kept.
+            sides = [path.with_name(path.name + sfx) for sfx in ("-wal", "-shm")]
+            if any(side.exists() for side in sides):
+                orphans = _move_orphans_aside(path, sides, params.clock.wall())
         self.conn = self._connect(fresh=fresh)
         version = apply_migrations(self.conn)
         self._reload_state()
         result = _OpenResult(journal_id=self.journal_id, schema_version=version, corrupt_kept=kept)
         boot = self._pending("boot", {"version": params.version})
         self.pending_records = [boot]
-        if fresh and (kept or earlier):
-            note = f"new journal database; damaged earlier database kept as {(kept or earlier)[-1]}"
+        if fresh:
+            log.warning(
+                "new journal created",
+                extra={"journal_id": self.journal_id, "database": str(path)},
+            )
+        evidence = [*orphans, *(kept or earlier)]
+        if fresh and (previous_id or orphans) and not kept:
+            log.error(
+                "previous journal is missing",
+                extra={
+                    "journal_id": self.journal_id,
+                    "previous_journal_id": previous_id or "",
+                    "evidence": [str(journal_id_marker(path))] * bool(previous_id) + evidence,
+                    "hint": "restore the database from a backup if there is one; the backend "
+                    "sees a new journal id and a sequence starting again at 1",
+                },
+            )
+        if fresh and (kept or earlier or previous_id or orphans):
+            if kept or earlier:
+                note = (
+                    "new journal database; damaged earlier database kept as "
+                    + (kept or earlier)[-1]
+                )
+            else:
+                note = "new journal database; the previous one is missing"
+            if previous_id:
+                note += f" (previous journal {previous_id})"
+            if orphans:
+                note += f"; its leftover files kept as {orphans[0]}"
             result.recovered_note = note
             self.pending_records.append(
                 self._pending(
                     "device", {"device": "journal", "state": "recovered", "detail": note[:200]}
                 )
             )
+        if read_journal_id_marker(path) != self.journal_id:
+            try:
+                write_journal_id_marker(path, self.journal_id)
+            except OSError as exc:  # a full or read-only disk: the journal still opens
+                log.warning("journal id marker not written: %s", exc)
         # The boot record goes first; if the disk is full it stays pending and the journal opens
         # unwritable (the machine then stays out of service until writing works again).
         self._commit([])
