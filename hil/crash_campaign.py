@@ -519,8 +519,8 @@ def keep_workdir(workdir: Path, name: str, root: Path | None = None) -> Path:
     return dest
 
 
-def _terminate(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwind: burners, daemon and simulators are stopped
+def _terminate(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwind: burners, daemon and simulators are stopped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir, args.kills, args.seed, log=lambda m: print(m, flush=True), load=args.load
         )
     except KeyboardInterrupt:
-        out.failures.append("interrupted (Ctrl-C)")
+        out.failures.append("interrupted (Ctrl-C or SIGTERM)")
     except Exception:  # reported, and the work directory kept
         out.failures.append(f"the campaign stopped on an error:\n{traceback.format_exc()}")
     out.figures.setdefault("seed", args.seed)
@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     for failure in out.failures:
         print(f"FAIL: {failure}")
     if out.failures or args.workdir or args.keep:
-        print(f"workdir kept: {workdir} (daemon.log, sims/*.log, state/, journal.json)")
+        print(f"workdir kept: {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     print("crash campaign:", "FAILED" if out.failures else "all invariants hold")

@@ -26,9 +26,11 @@ def test_kills_lose_no_money_and_never_vend_twice(tmp_path: Path, seed: int) -> 
     workdir = tmp_path / "campaign"
     try:
         outcome = run_campaign(workdir, kills=KILLS, seed=seed, log=lambda _msg: None)
-    except Exception as exc:
-        kept = keep_workdir(workdir, f"vmc-crash-seed{seed}")
-        raise AssertionError(f"seed {seed}: the campaign raised {exc!r}; kept {kept}") from exc
+    except BaseException as exc:  # an error, or pytest-timeout's failure: keep the evidence
+        if workdir.exists():
+            kept = keep_workdir(workdir, f"vmc-crash-seed{seed}")
+            exc.add_note(f"seed {seed}: workdir kept at {kept}")
+        raise
     if outcome.failures:
         kept = keep_workdir(workdir, f"vmc-crash-seed{seed}")
         lines = [f"seed {seed}: {len(outcome.failures)} failures; workdir kept at {kept}"]
