@@ -482,7 +482,8 @@ def report(
     print(
         f"master stats: exchanges {s.exchanges}, retransmissions {s.retransmissions}, "
         f"timeouts {s.timeouts}, RETs {s.rets_sent}, NAKs {s.naks_received}, "
-        f"stale bytes {s.stale_bytes}, duplicates {s.duplicates}; failed requests {run.failures}"
+        f"stale bytes {s.stale_bytes}, misfit replies {s.misfits}; "
+        f"failed requests {run.failures}"
     )
     print()
     floor_limit = TARGET_FLOOR_FACTOR * floor.p999

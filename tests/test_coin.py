@@ -823,3 +823,89 @@ async def test_changer_reset_during_payout_is_reconciled_from_tubes(level: int) 
         paid = {int(t): p["command"] for t, p in ledger["paid_out"].items() if p["command"]}
         assert result.counts == paid
         await wait_until(lambda: len(ready_states(log)) == 2, "READY again")
+
+
+# --- money-exact on a bus that behaves as real ones may (issue: identical replies, late items)
+
+
+async def test_two_cashbox_coins_of_one_type_are_two_coins() -> None:
+    # `45 00`, `45 00` in consecutive POLLs: byte-identical, and two coins (mdb.md "Wire").
+    sim = CoinChangerSim()
+    async with running_changer(sim) as (_device, log):
+        for n in (1, 2):
+            sim.control({"cmd": "insert", "value": 200})
+            await log.wait_for(lambda e, n=n: len(log.of(CoinDeposited)) == n)
+        deposits = log.of(CoinDeposited)
+        assert [(d.coin_type, d.route, d.raw) for d in deposits] == [
+            (5, CoinRoute.CASHBOX, bytes((0x45, 0x00))),
+            (5, CoinRoute.CASHBOX, bytes((0x45, 0x00))),
+        ]
+
+
+async def test_several_items_in_one_poll_reply_are_all_credited() -> None:
+    sim = CoinChangerSim()
+    async with running_changer(sim) as (device, log):
+        # Queued between two POLLs: one reply carries all three items.
+        with sim.lock:
+            sim.control({"cmd": "insert", "value": 200})
+            sim.control({"cmd": "insert", "value": 200})
+            sim.control({"cmd": "insert", "value": 50})
+            assert len(sim.poll_items) == 3
+        await wait_until(lambda: len(log.of(CoinDeposited)) == 3, "three coins")
+        assert sorted(d.value for d in log.of(CoinDeposited)) == [50, 200, 200]
+        assert device.state is DeviceState.READY
+
+
+async def test_a_tube_coin_repeated_with_the_same_count_is_one_coin_two_are_two() -> None:
+    sim = CoinChangerSim()
+    async with running_changer(sim) as (_device, log):
+        with sim.lock:
+            sim.faults.lose_acks = 1  # the first report comes again, count unchanged
+            sim.control({"cmd": "insert", "value": 50})
+        await wait_until(lambda: sim.counters.resends_after_lost_ack == 1, "the repeat")
+        sim.control({"cmd": "insert", "value": 50})  # a real second coin: the count grew
+        await wait_until(lambda: len(log.of(CoinDeposited)) == 2, "the second coin")
+        await wait_until(lambda: not sim.poll_items, "every report ACKed")
+        assert [d.tube_count for d in log.of(CoinDeposited)] == [21, 22]
+
+
+@pytest.mark.parametrize("late", ["deposit", "manual_dispense"])
+async def test_an_item_queued_before_a_payout_is_not_counted_in_it(late: str) -> None:
+    # The crash campaign's short refund: a coin's "deposited" item still queued in the changer
+    # when the payout began came in the same reply as "payout busy" and was counted as a coin
+    # that entered during the payout (three paid for two commanded). The mirror case, a late
+    # manual-dispense item, counted one coin too few (the machine would pay it again).
+    sim = CoinChangerSim(payout_time_s=0.2)
+    async with sim_and_master([sim]) as (master, _bus):
+        log = EventLog()
+        device = CoinChanger(master, poll_interval_s=0.02, on_event=log)
+        device.set_enabled(True)
+        await device.start_up()  # no supervisor: nothing polls between our commands
+        assert device.state is DeviceState.READY
+        if late == "deposit":
+            sim.control({"cmd": "insert", "value": 50})  # tube 3: 20 -> 21, item queued
+        else:
+            sim.control({"cmd": "manual_dispense", "coin_type": 3, "count": 1})  # 20 -> 19
+        assert sim.poll_items, "the item waits in the changer"
+        await device.dispense(3, 2)
+        result = await device.wait_payout_done(timeout_s=WAIT_S)
+        assert result.finished
+        assert result.counts == {3: 2} and result.value == 100
+        if late == "deposit":
+            deposits = log.of(CoinDeposited)
+            assert [(d.route, d.tube_count) for d in deposits] == [(CoinRoute.TUBES, 21)]
+        else:
+            assert len(log.of(CoinsDispensedManually)) == 1
+        assert sim.ledger()["paid_out"]["3"]["command"] == 2
+
+
+async def test_a_payout_never_records_more_than_it_commanded() -> None:
+    sim = CoinChangerSim(payout_time_s=0.2)
+    async with sim_and_master([sim]) as (master, _bus):
+        device = CoinChanger(master, poll_interval_s=0.02, on_event=EventLog())
+        await device.start_up()
+        await device.dispense(3, 1)
+        # A tube sensor's miscount: two coins fewer than the payout paid show in the tube.
+        sim.control({"cmd": "set_tube", "coin_type": 3, "count": 17})
+        result = await device.wait_payout_done(timeout_s=WAIT_S)
+        assert result.counts == {3: 1} and result.value == 50

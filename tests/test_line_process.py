@@ -4,6 +4,7 @@ peripheral on a real pty."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -196,3 +197,52 @@ async def test_the_child_outlives_a_terminal_ctrl_c_and_a_unit_wide_sigterm(
     # Still serving: only the parent ends the line (close() sends "stop", then SIGKILL).
     assert (await master.request(COIN_RESET)).is_ack
     assert master._proc.returncode is None
+
+
+async def test_a_lost_port_is_reopened_and_devices_come_back() -> None:
+    """Seen with an independent emulator: the MDB port went away (as a ser2net bridge restart
+    or an unplugged USB adapter does) and the daemon stayed deaf for good. The master reports
+    the link down, reopens the same port with backoff, and the device starts up again."""
+    from drivers.mdb.coin import CoinChanger
+    from drivers.mdb.device import DeviceState
+
+    def serve(port: int) -> SimBus:
+        bus = SimBus.on_tcp([CoinChangerSim()], "127.0.0.1", port)
+        bus.start()
+        return bus
+
+    bus = SimBus.on_tcp([CoinChangerSim()], "127.0.0.1", 0)
+    port = int(bus.port.rsplit(":", 1)[1])
+    bus.start()
+    master = LineProcessMaster("stream", bus.port, timing=Timing(slack_s=0.03))
+    changes: list[tuple[bool, str]] = []
+    master.add_link_listener(lambda up, detail: changes.append((up, detail)))
+    await master.open()
+    device = CoinChanger(master, poll_interval_s=0.02, on_event=lambda _e: None)
+    task = asyncio.create_task(device.run())
+    try:
+        await wait_until(lambda: device.state is DeviceState.READY, "READY", timeout_s=10)
+        assert master.link_up and changes == [(True, bus.port)]
+        bus.stop()  # the port goes away
+        await wait_until(lambda: not master.link_up, "the link reported down", timeout_s=10)
+        assert "went away" in master.link_detail or "ended" in master.link_detail
+        with pytest.raises(LinkClosed):
+            await master.request(COIN_POLL, priority=Priority.POLL)
+        await asyncio.sleep(0.5)  # a few reopenings fail while nothing listens
+        bus = serve(port)  # back on the same path
+        await wait_until(lambda: master.link_up, "the link back up", timeout_s=15)
+        assert master.reconnects == 1
+        starts = len([c for c in changes if c[0]])
+        assert starts == 2 and changes[-1] == (True, master.port)
+        # The device went through its start-up again on the new link.
+        await wait_until(
+            lambda: device.state is DeviceState.READY and bus.peripheral("coin").counters.polls > 0,
+            "the changer polled again",
+            timeout_s=15,
+        )
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await master.close()
+        bus.stop()

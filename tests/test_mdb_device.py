@@ -169,7 +169,9 @@ async def test_poll_events_are_emitted() -> None:
             assert rig.of(StatusReported) == [StatusReported("changer", 2, "status 0x02")]
 
 
-async def test_lost_ack_does_not_emit_events_twice() -> None:
+async def test_identical_replies_in_a_row_are_each_an_event() -> None:
+    # mdb.md "Wire": the base device never drops a reply for matching the one before (two
+    # coins of one type to the cashbox look the same); a device class may, on a device fact.
     sim, rig = MiniChangerSim(), Rig()
     async with sim_and_master([sim], slack_s=SLACK_S) as (master, _bus):
         device = MiniChangerDevice(master, rig.events.append, rig.clock)
@@ -181,12 +183,12 @@ async def test_lost_ack_does_not_emit_events_twice() -> None:
             await wait_until(lambda: sim.poll_items == [], "the repeat to be ACKed")
             # A later, different event still comes through, so polling went on after the repeat.
             sim.queue_item(coin_deposited(3, 1, 3))
-            await wait_until(lambda: len(rig.of(CoinDeposited)) >= 2, "the next coin")
+            await wait_until(lambda: len(rig.of(CoinDeposited)) >= 3, "the next coin")
             assert rig.of(CoinDeposited) == [
+                CoinDeposited("changer", 3, 1, 2),
                 CoinDeposited("changer", 3, 1, 2),
                 CoinDeposited("changer", 3, 1, 3),
             ]
-            assert master.stats.duplicates == 1
 
 
 async def test_just_reset_while_running_restarts_start_up() -> None:
@@ -262,9 +264,17 @@ async def test_device_that_never_was_there_stays_offline() -> None:
     async with sim_and_master([sim], slack_s=SLACK_S) as (master, _bus):
         device = MiniChangerDevice(master, rig.events.append, rig.clock)
         async with supervised(device):
-            # Three start-up attempts, each a RESET sent DEFAULT_MAX_ATTEMPTS times.
+            # mdb.md "Timing": not gone before its non-response time, however many attempts.
             await wait_until(
-                lambda: master.stats.timeouts >= 3 * DEFAULT_MAX_ATTEMPTS, "three attempts"
+                lambda: master.stats.timeouts >= 3 * DEFAULT_MAX_ATTEMPTS, "three RESETs"
+            )
+            assert states(rig.events) == []
+            rig.clock.advance(MiniChangerDevice.NON_RESPONSE_S + 0.01)
+            await wait_until(lambda: device.state is DeviceState.OFFLINE and rig.events, "gone")
+            timeouts = master.stats.timeouts
+            await wait_until(
+                lambda: master.stats.timeouts >= timeouts + 2 * DEFAULT_MAX_ATTEMPTS,
+                "two more start-up attempts",
             )
             # Said once, with the reason; no OFFLINE -> STARTING -> OFFLINE flapping.
             assert states(rig.events) == [DeviceState.OFFLINE]
@@ -272,6 +282,19 @@ async def test_device_that_never_was_there_stays_offline() -> None:
             assert isinstance(offline, StateChanged) and "no response" in offline.detail
             assert device.state is DeviceState.OFFLINE
             assert sim.counters.commands == 0
+
+
+async def test_one_unanswered_command_at_start_up_is_sent_again_not_a_fault() -> None:
+    # Seen with an independent emulator: one command failing its three attempts (~30 ms) at
+    # start-up put the device offline and raised a machine fault.
+    sim, rig = MiniChangerSim(), Rig()
+    async with sim_and_master([sim], slack_s=SLACK_S) as (master, _bus):
+        sim.faults.drop_replies = DEFAULT_MAX_ATTEMPTS + 1  # RESET unanswered, then a 4th time
+        device = MiniChangerDevice(master, rig.events.append, rig.clock)
+        async with supervised(device):
+            await wait_until(lambda: device.state is DeviceState.READY, "READY")
+            assert states(rig.events) == [DeviceState.STARTING, DeviceState.READY]
+            assert master.stats.timeouts == DEFAULT_MAX_ATTEMPTS + 1
 
 
 class NoJustResetSim(MiniChangerSim):

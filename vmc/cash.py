@@ -46,8 +46,9 @@ class ChangerPort(Protocol):
     def set_accepting(self, accepting: bool) -> None: ...
 
     async def stop_accepting(self) -> None:
-        """Disable every coin on the wire now and return once the changer took the command:
-        no coin can then enter a tube while a payout's coins leave it."""
+        """Disable every coin on the wire now and return once the changer took the command
+        and has reported every coin it took before (those reach the vend cycle as ordinary
+        coin events): no coin can then enter a tube while a payout's coins leave it."""
         ...
 
     async def tube_counts_now(self) -> Mapping[int, int]:
@@ -150,6 +151,9 @@ class MdbChanger:
 
     async def stop_accepting(self) -> None:
         await self.device.stop_accepting_now()
+        # Whatever the changer took before the disable is reported (and credited) now, so
+        # that the tube counts read next are ordered after every item it reported.
+        await self.device.settle_activity()
 
     async def tube_counts_now(self) -> Mapping[int, int]:
         status = await self.device.tube_status()

@@ -191,7 +191,8 @@ class VendMachine:
         self._last_activity = clock()
         self._escrow_intent: tuple[str, int, int] | None = None  # (intent_id, bill_type, value)
         self._devices_down: set[str] = set()
-        self._unsettled: tuple[str, str] | None = None  # (payout intent_id, reason)
+        self._unsettled: _OpenPayout | None = None  # a payout whose outcome is not known yet
+        self._open_payout: _OpenPayout | None = None  # the payout being paid now
         self.device_states: dict[str, str] = {}
         self._next_motor_check = 0.0
 
@@ -345,6 +346,12 @@ class VendMachine:
         self.update_acceptance()
 
     def _set_credit(self, credit: int) -> None:
+        if credit < 0:
+            # Never below zero: the customer cannot owe the machine. A ledger that says so has
+            # counted money out that did not leave (or missed money in): reconciliation of the
+            # device counters settles the difference.
+            log.error("credit would go below zero; kept at zero", credit=credit)
+            credit = 0
         if credit != self.credit:
             self.credit = credit
             self._publish("credit", credit=credit)
@@ -500,6 +507,7 @@ class VendMachine:
         self._publish("sale", slot=slot.id, price=price, change=change, stock=slot.stock)
         paid = 0
         if change:
+            self._set_phase(Phase.PAYING)
             paid = await self._payout(change, "change")
         return {"ok": True, "slot": slot.id, "price": price, "change": paid, "credit": self.credit}
 
@@ -537,14 +545,32 @@ class VendMachine:
         self._touch()
         if self.phase is not Phase.IDLE or self._unsettled is not None:
             raise Refusal("busy", "a vend or payout is in progress")
-        if self.credit == 0:
-            return {"ok": True, "paid": 0, "credit": 0}
         self._set_phase(Phase.PAYING)
         try:
+            if self.changer is not None and self.changer.ready:
+                # Coins the changer took before acceptance went off are reported now; credit
+                # them first, so the customer gets back everything they put in.
+                await self.changer.stop_accepting()
+                await self._absorb_device_events()
+            if self.credit == 0:
+                return {"ok": True, "paid": 0, "credit": 0}
             paid = await self._payout(self.credit, reason)
         finally:
             self._set_phase(Phase.IDLE)
         return {"ok": paid > 0 or self.credit == 0, "paid": paid, "credit": self.credit}
+
+    async def _absorb_device_events(self) -> None:
+        """Run the device events already queued for the actor (coins reported while it was
+        busy) now, ahead of customer work, which keeps its order."""
+        others: list[_Job] = []
+        while not self._jobs.empty():
+            job = self._jobs.get_nowait()
+            if job.done is None:  # a device event: nobody awaits it
+                await job.work()
+            else:
+                others.append(job)
+        for job in others:
+            self._jobs.put_nowait(job)
 
     async def _payout(self, amount: int, reason: str) -> int:
         """Pay ``amount`` of the customer's credit in coins; return what was paid.
@@ -569,6 +595,7 @@ class VendMachine:
             {"intent_id": intent_id, "amount": amount, "reason": reason, "tubes": tubes},
         )
         self._publish("payout_started", amount=amount, reason=reason)
+        self._open_payout = _OpenPayout(intent_id, reason, amount)
         paid_coins: dict[int, int] = {}
         paid_total = 0
         try:
@@ -585,7 +612,7 @@ class VendMachine:
                 short = False
                 for coin_type, count in sorted(plan.items(), key=lambda kv: -kv[1]):
                     got = await changer.dispense(coin_type, count)
-                    paid_total += await self._record_paid(intent_id, reason, {coin_type: got})
+                    paid_total += await self._record_paid({coin_type: got})
                     paid_coins[coin_type] = paid_coins.get(coin_type, 0) + got
                     if got < count:
                         short = True
@@ -593,8 +620,8 @@ class VendMachine:
                 if not short:
                     break
         except MdbError as exc:
-            paid_total += await self._record_paid(intent_id, reason, getattr(exc, "paid", {}))
-            self._unsettled = (intent_id, reason)
+            paid_total += await self._record_paid(getattr(exc, "paid", {}))
+            self._unsettled, self._open_payout = self._open_payout, None
             self.set_fault("coin", f"payout outcome unknown: {exc}")
             self._set_credit(self.credit - paid_total)
             log.error(
@@ -608,6 +635,7 @@ class VendMachine:
             "cash_out",
             {"intent_id": intent_id, "amount": 0, "reason": reason, "coins": {}, "final": True},
         )
+        self._open_payout = None
         self._set_credit(self.credit - paid_total)
         self._publish(
             "payout_done",
@@ -620,18 +648,36 @@ class VendMachine:
             log.warning("payout short", wanted=amount, paid=paid_total, credit=self.credit)
         return paid_total
 
-    async def _record_paid(
-        self, intent_id: str, reason: str, coins: Mapping[int, int], final: bool = False
-    ) -> int:
-        """Journal coins that left the tubes for this payout; return their value."""
+    async def _record_paid(self, coins: Mapping[int, int], final: bool = False) -> int:
+        """Journal coins that left the tubes for the open payout; return their value.
+
+        A payout never records more than its intent's amount: coins counted beyond it are a
+        miscount (or a changer paying more than asked), not the customer's money. They are
+        logged as a fault and left to the reconciliation of the tube counts."""
         assert self.changer is not None
+        payout = self._open_payout or self._unsettled
+        assert payout is not None, "coins recorded outside a payout"
         paid = {t: n for t, n in coins.items() if n > 0}
         value = sum(n * self.changer.coin_value(t) for t, n in paid.items())
+        room = payout.amount - payout.recorded
+        if value > room:
+            kept = _coins_within(paid, room, self.changer.coin_value)
+            log.error(
+                "payout counted more than its intent; recording what fits",
+                intent_id=payout.intent_id,
+                intent_amount=payout.amount,
+                recorded=payout.recorded,
+                counted={str(t): n for t, n in paid.items()},
+                recording={str(t): n for t, n in kept.items()},
+            )
+            paid = kept
+            value = sum(n * self.changer.coin_value(t) for t, n in paid.items())
+        payout.recorded += value
         if paid or final:
             data: dict[str, Any] = {
-                "intent_id": intent_id,
+                "intent_id": payout.intent_id,
                 "amount": value,
-                "reason": reason,
+                "reason": payout.reason,
                 "coins": {str(t): n for t, n in paid.items()},
             }
             if final:
@@ -646,10 +692,10 @@ class VendMachine:
         coins = await self.changer.settle_pending(SETTLE_WAIT_S)
         if coins is None:
             return  # still not known: try again at the next tick
-        intent_id, reason = self._unsettled
-        value = await self._record_paid(intent_id, reason, coins, final=True)
+        intent_id = self._unsettled.intent_id
+        value = await self._record_paid(coins, final=True)
         self._unsettled = None
-        self._set_credit(max(0, self.credit - value))
+        self._set_credit(self.credit - value)
         log.warning("payout settled", intent_id=intent_id, paid=value, credit=self.credit)
         self._publish(
             "payout_done",
@@ -761,6 +807,27 @@ class VendMachine:
                 self.set_fault("coin", f"coin changer {state.value}")
         else:
             self.update_acceptance()
+
+
+@dataclass
+class _OpenPayout:
+    """A payout intent journaled and not yet closed: what it may still record."""
+
+    intent_id: str
+    reason: str
+    amount: int
+    recorded: int = 0
+
+
+def _coins_within(
+    coins: Mapping[int, int], limit: int, value_of: Callable[[int], int]
+) -> dict[int, int]:
+    """The coins of ``coins`` worth at most ``limit``, dropping the largest first."""
+    kept = dict(coins)
+    for coin_type in sorted(kept, key=value_of, reverse=True):
+        while kept[coin_type] > 0 and sum(value_of(t) * n for t, n in kept.items()) > limit:
+            kept[coin_type] -= 1
+    return {t: n for t, n in kept.items() if n > 0}
 
 
 def _slot_from_config(slot: SlotConfig) -> Slot:

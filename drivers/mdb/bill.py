@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from drivers.errors import FramingError, MdbError, NakReceived, NoResponse
-from drivers.mdb.commands import CommandDef, CommandTable
+from drivers.mdb.commands import ACK_ONLY, CommandDef, CommandTable, ReplyShape, data_reply
 from drivers.mdb.device import (
     Clock,
     DeviceEvent,
@@ -39,7 +39,7 @@ from drivers.mdb.device import (
     MdbDevice,
     StatusReported,
 )
-from drivers.mdb.master import MdbBus, Priority
+from drivers.mdb.master import MdbBus
 
 log = logging.getLogger("drivers.mdb.bill")
 
@@ -58,16 +58,23 @@ ESCROW_RETURN = 0x00
 
 # --- commands as data ------------------------------------------------------------------------
 
-RESET = CommandDef("RESET", 0x00)
-SETUP = CommandDef("SETUP", 0x01)
-SECURITY = CommandDef("SECURITY", 0x02, data_len=2)
-POLL = CommandDef("POLL", 0x03)
-BILL_TYPE = CommandDef("BILL TYPE", 0x04, data_len=4)
-ESCROW = CommandDef("ESCROW", 0x05, data_len=1)
-STACKER = CommandDef("STACKER", 0x06)
-EXPANSION_ID_L1 = CommandDef("EXPANSION LEVEL 1 ID", 0x07, sub=0x00, data_len=1)
-FEATURE_ENABLE = CommandDef("EXPANSION FEATURE ENABLE", 0x07, sub=0x01, data_len=5)
-EXPANSION_ID_L2 = CommandDef("EXPANSION LEVEL 2 ID", 0x07, sub=0x02, data_len=1)
+# Reply shapes from MDB 4.2 §6: SETUP 11 bytes + up to 16 bill credits; a POLL reply up to 16
+# bytes of items; STACKER 2 bytes; EXPANSION ID 29 bytes (level 1) or 33 (level 2, with the
+# feature bits); every other command is answered by a lone ACK.
+RESET = CommandDef("RESET", 0x00, reply=ACK_ONLY)
+SETUP = CommandDef("SETUP", 0x01, reply=data_reply(11, 11 + MAX_BILL_TYPES))
+SECURITY = CommandDef("SECURITY", 0x02, data_len=2, reply=ACK_ONLY)
+POLL = CommandDef("POLL", 0x03, reply=ReplyShape(ack=True, min_data=1, max_data=16))
+BILL_TYPE = CommandDef("BILL TYPE", 0x04, data_len=4, reply=ACK_ONLY)
+ESCROW = CommandDef("ESCROW", 0x05, data_len=1, reply=ACK_ONLY)
+STACKER = CommandDef("STACKER", 0x06, reply=data_reply(2))
+EXPANSION_ID_L1 = CommandDef(
+    "EXPANSION LEVEL 1 ID", 0x07, sub=0x00, data_len=1, reply=data_reply(29)
+)
+FEATURE_ENABLE = CommandDef("EXPANSION FEATURE ENABLE", 0x07, sub=0x01, data_len=5, reply=ACK_ONLY)
+EXPANSION_ID_L2 = CommandDef(
+    "EXPANSION LEVEL 2 ID", 0x07, sub=0x02, data_len=1, reply=data_reply(33)
+)
 
 _LEVEL1_COMMANDS = (RESET, SETUP, SECURITY, POLL, BILL_TYPE, ESCROW, STACKER, EXPANSION_ID_L1)
 LEVEL1_TABLE = CommandTable(BILL_ADDRESS, _LEVEL1_COMMANDS)
@@ -552,6 +559,7 @@ class BillValidator(MdbDevice):
     NAME: ClassVar[str] = "bill"
     ADDRESS: ClassVar[int] = BILL_ADDRESS
     POLL_CMD: ClassVar[int] = POLL.command
+    POLL_REPLY: ClassVar[ReplyShape] = POLL.reply
     NON_RESPONSE_S: ClassVar[float] = BILL_NON_RESPONSE_S
 
     def __init__(
@@ -573,6 +581,7 @@ class BillValidator(MdbDevice):
         self.escrowed: BillInEscrow | None = None
         self._bill_type_sent: BillTypeSetting | None = None
         self._escrow_waiter: asyncio.Future[EscrowOutcome] | None = None
+        self._escrow_sent = False  # an ESCROW went out since the bill in escrow was reported
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -660,10 +669,7 @@ class BillValidator(MdbDevice):
         self._bill_type_sent = setting
 
     async def poll_once(self) -> list[DeviceEvent]:
-        reply = await self.request(self.POLL_CMD, priority=Priority.POLL)
-        if reply.duplicate and self.IGNORE_DUPLICATE_POLLS:
-            # Either the validator missed our ACK, or it repeats a standing status: nothing new.
-            return []
+        reply = await self.poll_request()
         events = self.parse_poll(reply.data) if reply.data else []
         return self._digest(events)
 
@@ -677,6 +683,11 @@ class BillValidator(MdbDevice):
                 standing.add(event.code)
                 if event.code in previous:
                     continue  # still standing: reported at its onset
+            if self._is_repeat(event):
+                log.info(
+                    "%s: escrow report repeated (bill already in escrow); not a new bill", self.NAME
+                )
+                continue
             out.append(event)
             self._track(event)
         for code in sorted(previous - standing):
@@ -691,10 +702,22 @@ class BillValidator(MdbDevice):
             self._set_state(DeviceState.READY, "faults cleared")
         return out
 
+    def _is_repeat(self, event: DeviceEvent) -> bool:
+        """A device fact proves a repeat (mdb.md "Wire"): a validator holds one bill in escrow,
+        so "bill in escrow" again, for the same type, with no ESCROW sent since, is the
+        validator sending its report again after missing our ACK, not a second bill."""
+        return (
+            isinstance(event, BillInEscrow)
+            and self.escrowed is not None
+            and self.escrowed.bill_type == event.bill_type
+            and not self._escrow_sent
+        )
+
     def _track(self, event: DeviceEvent) -> None:
         outcome: EscrowOutcome | None = None
         if isinstance(event, BillInEscrow):
             self.escrowed = event
+            self._escrow_sent = False
         elif isinstance(event, BillStacked):
             outcome = EscrowOutcome.STACKED
         elif isinstance(event, BillReturned):
@@ -731,6 +754,7 @@ class BillValidator(MdbDevice):
             raise EscrowInProgress("an ESCROW is already waiting for its outcome")
         waiter: asyncio.Future[EscrowOutcome] = asyncio.get_running_loop().create_future()
         self._escrow_waiter = waiter  # registered before sending: no outcome can slip past
+        self._escrow_sent = True
         try:
             try:
                 await self.send(ESCROW, encode_escrow(stack), max_attempts=ESCROW_ATTEMPTS)

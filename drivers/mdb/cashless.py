@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from drivers.errors import MdbError, NakReceived
-from drivers.mdb.commands import CommandDef, CommandTable
+from drivers.mdb.commands import ACK_ONLY, CommandDef, CommandTable
 from drivers.mdb.device import (
     Clock,
     DeviceEvent,
@@ -41,7 +41,7 @@ from drivers.mdb.device import (
     MdbDevice,
     StatusReported,
 )
-from drivers.mdb.master import MdbBus, Priority
+from drivers.mdb.master import MdbBus
 
 log = logging.getLogger("drivers.mdb.cashless")
 
@@ -75,7 +75,7 @@ ITEM_MAX = 0xFFFF
 class Cmd:
     """Every cashless command the VMC sends, as data. ``*_X`` are the expanded-currency forms."""
 
-    RESET = CommandDef("RESET", CMD_RESET)
+    RESET = CommandDef("RESET", CMD_RESET, reply=ACK_ONLY)
     # Y1=00, Y2 VMC feature level, Y3 display columns, Y4 display rows, Y5 display info.
     SETUP_CONFIG = CommandDef("SETUP CONFIG DATA", CMD_SETUP, 0x00, 5)
     # Y1=01, max price (2), min price (2); expanded: max (4), min (4), currency code (2).
@@ -1111,8 +1111,8 @@ class CashlessReader(MdbDevice):
             if self._clock() > deadline:
                 raise CashlessError(f"{self.NAME}: no answer to {what}")
             await asyncio.sleep(self.poll_interval_s)
-            reply = await self.request(self.POLL_CMD, priority=Priority.POLL)
-            if reply.data and not reply.duplicate:
+            reply = await self.poll_request()
+            if reply.data:
                 events = self._deliver(self.parse_poll(reply.data), keep=wanted)
                 found = [e for e in events if isinstance(e, wanted)]
         return found[0]

@@ -32,7 +32,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from drivers.errors import MdbError
-from drivers.mdb.commands import CommandDef, CommandTable
+from drivers.mdb.commands import (
+    ACK_ONLY,
+    CommandDef,
+    CommandTable,
+    ReplyShape,
+    data_reply,
+)
 from drivers.mdb.device import (
     Clock,
     DeviceEvent,
@@ -42,7 +48,7 @@ from drivers.mdb.device import (
     MdbDevice,
     StatusReported,
 )
-from drivers.mdb.master import MdbBus, Priority, Reply
+from drivers.mdb.master import MdbBus, Reply
 
 log = logging.getLogger("drivers.mdb.coin")
 
@@ -56,18 +62,28 @@ TOKEN_CREDIT = 0xFF
 
 # --- commands as data ---------------------------------------------------------------------
 
-RESET = CommandDef("RESET", 0x00)
-SETUP = CommandDef("SETUP", 0x01)
-TUBE_STATUS = CommandDef("TUBE STATUS", 0x02)
-POLL = CommandDef("POLL", 0x03)
-COIN_TYPE = CommandDef("COIN TYPE", 0x04, data_len=4)
-DISPENSE = CommandDef("DISPENSE", 0x05, data_len=1)
-EXPANSION_ID = CommandDef("EXPANSION ID", 0x07, sub=0x00, data_len=1)
-FEATURE_ENABLE = CommandDef("FEATURE ENABLE", 0x07, sub=0x01, data_len=5)
-PAYOUT = CommandDef("PAYOUT", 0x07, sub=0x02, data_len=2)
-PAYOUT_STATUS = CommandDef("PAYOUT STATUS", 0x07, sub=0x03, data_len=1)
-PAYOUT_VALUE_POLL = CommandDef("PAYOUT VALUE POLL", 0x07, sub=0x04, data_len=1)
-DIAGNOSTIC_STATUS = CommandDef("DIAGNOSTIC STATUS", 0x07, sub=0x05, data_len=1)
+# Reply shapes from MDB 4.2 §5: SETUP is 7 bytes + up to 16 coin credits; TUBE STATUS 2 full
+# flag bytes + up to 16 counts; a POLL reply up to 16 bytes of items; EXPANSION ID 33 bytes;
+# PAYOUT STATUS up to 16 counts (ACK while busy); PAYOUT VALUE POLL 1 byte (ACK when done);
+# DIAGNOSTIC STATUS 2..16 bytes (pairs).
+RESET = CommandDef("RESET", 0x00, reply=ACK_ONLY)
+SETUP = CommandDef("SETUP", 0x01, reply=data_reply(7, 7 + COIN_TYPES))
+TUBE_STATUS = CommandDef("TUBE STATUS", 0x02, reply=data_reply(2, 2 + COIN_TYPES))
+POLL = CommandDef("POLL", 0x03, reply=ReplyShape(ack=True, min_data=1, max_data=16))
+COIN_TYPE = CommandDef("COIN TYPE", 0x04, data_len=4, reply=ACK_ONLY)
+DISPENSE = CommandDef("DISPENSE", 0x05, data_len=1, reply=ACK_ONLY)
+EXPANSION_ID = CommandDef("EXPANSION ID", 0x07, sub=0x00, data_len=1, reply=data_reply(33))
+FEATURE_ENABLE = CommandDef("FEATURE ENABLE", 0x07, sub=0x01, data_len=5, reply=ACK_ONLY)
+PAYOUT = CommandDef("PAYOUT", 0x07, sub=0x02, data_len=2, reply=ACK_ONLY)
+PAYOUT_STATUS = CommandDef(
+    "PAYOUT STATUS", 0x07, sub=0x03, data_len=1, reply=ReplyShape(True, 1, COIN_TYPES)
+)
+PAYOUT_VALUE_POLL = CommandDef(
+    "PAYOUT VALUE POLL", 0x07, sub=0x04, data_len=1, reply=ReplyShape(True, 1, 1)
+)
+DIAGNOSTIC_STATUS = CommandDef(
+    "DIAGNOSTIC STATUS", 0x07, sub=0x05, data_len=1, reply=data_reply(2, 16)
+)
 
 LEVEL2_COMMANDS: tuple[CommandDef, ...] = (RESET, SETUP, TUBE_STATUS, POLL, COIN_TYPE, DISPENSE)
 LEVEL3_COMMANDS: tuple[CommandDef, ...] = (
@@ -597,6 +613,9 @@ def decode_poll(data: bytes, device: str, setup: ChangerSetup | None) -> list[De
 
 #: mdb.md "Cadence": real VMCs poll each device every 100-200 ms.
 DEFAULT_POLL_INTERVAL_S = 0.15
+#: Most POLLs ``settle_activity`` sends waiting for the changer to fall quiet (a changer
+#: reports at most 16 bytes of items per POLL; one with a standing status never falls quiet).
+SETTLE_MAX_POLLS = 8
 #: How long ``pay_out`` waits for each DISPENSE of up to 15 coins: real changers pay 3-5
 #: coins a second, so 15 coins take up to ~5 s; doubled for margin.
 DISPENSE_WAIT_S = 10.0
@@ -608,8 +627,13 @@ class _PendingPayout:
 
     baseline: TubeStatus
     startups: int  # the device's start-up count when it began: a restart loses PAYOUT STATUS
+    #: When the baseline's TUBE STATUS reply arrived (perf_counter_ns, the bus master's
+    #: stamp): only POLL replies received after it can report coins moved during the payout.
+    baseline_ns: int = 0
     requested: int = 0  # minor units
     alternative: bool = True  # every command so far was a level-3 PAYOUT
+    #: coin_type -> coins DISPENSE commanded (a DISPENSE never pays another type or more).
+    commanded: dict[int, int] = field(default_factory=dict)
     #: Coins that entered (+) or left by hand (-) each tube while it was pending, from POLL.
     tube_moves: dict[int, int] = field(default_factory=dict)
 
@@ -631,6 +655,7 @@ class CoinChanger(MdbDevice):
     NAME = "coin"
     ADDRESS = ADDRESS
     POLL_CMD = POLL.command
+    POLL_REPLY = POLL.reply
     #: mdb.md "Timing": a coin changer silent for 2 s counts as gone.
     NON_RESPONSE_S = 2.0
 
@@ -654,6 +679,11 @@ class CoinChanger(MdbDevice):
         self._tubes_stale = False
         self._pending: _PendingPayout | None = None
         self._startups = 0  # completed SETUPs: tells a payout that the changer restarted
+        #: coin_type -> the tube count the last reply's "deposited to tube" item carried; an
+        #: item with that same count again is a repeat (see ``_is_repeat``). Forgotten when
+        #: the tube may have gone down since (a payout, a manual dispense, TUBE STATUS).
+        self._last_tube_deposit: dict[int, int] = {}
+        self._reply_ns = 0  # the stamp of the POLL reply being parsed
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -689,6 +719,7 @@ class CoinChanger(MdbDevice):
         setup = decode_setup((await self._command(SETUP)).data)
         self.setup = setup
         self._startups += 1
+        self._last_tube_deposit.clear()
         self.identity = None
         self.features = ChangerFeature(0)
         self.diagnostic = None
@@ -738,30 +769,60 @@ class CoinChanger(MdbDevice):
     # --- polling -----------------------------------------------------------------------
 
     async def poll_once(self) -> list[DeviceEvent]:
-        reply = await self.request(self.POLL_CMD, priority=Priority.POLL)
+        reply = await self.poll_request()
         self._last_poll_quiet = not reply.data
         if not reply.data:
             self.payout_busy = False
             return []
-        if reply.duplicate and self.IGNORE_DUPLICATE_POLLS:
-            return []
-        return self.parse_poll(reply.data)
+        self._reply_ns = reply.reply_ns
+        try:
+            return self.parse_poll(reply.data)
+        finally:
+            self._reply_ns = 0
 
     def parse_poll(self, data: bytes) -> list[DeviceEvent]:
-        events = decode_poll(data, self.NAME, self.setup)
+        """Every item of the reply (one reply may carry several) is an event, except an item
+        a device fact proves to be a repeat of one already ACKed (``_is_repeat``)."""
+        events: list[DeviceEvent] = []
         busy = False
-        for event in events:
+        deposits: dict[int, int] = {}
+        for event in decode_poll(data, self.NAME, self.setup):
             if isinstance(event, CoinDeposited):
+                if self._is_repeat(event):
+                    log.info(
+                        "coin: deposit report repeated (tube %d count %d did not grow); "
+                        "not a new coin",
+                        event.coin_type,
+                        event.tube_count,
+                    )
+                    continue
                 self._tube_seen(event.coin_type, event.tube_count)
                 if event.route is CoinRoute.TUBES:
+                    deposits[event.coin_type] = event.tube_count
                     self._tube_moved(event.coin_type, 1)
             elif isinstance(event, CoinsDispensedManually):
                 self._tube_seen(event.coin_type, event.tube_count)
                 self._tube_moved(event.coin_type, -event.count)
+                self._last_tube_deposit.pop(event.coin_type, None)
             elif isinstance(event, StatusReported) and event.code == STATUS_PAYOUT_BUSY:
                 busy = True
+            events.append(event)
+        # Compared with the next reply only: two items of one reply are two coins whatever
+        # their counts (a repeat after a lost ACK is a whole reply sent again).
+        self._last_tube_deposit.update(deposits)
         self.payout_busy = busy
         return events
+
+    def _is_repeat(self, event: CoinDeposited) -> bool:
+        """mdb.md "Wire": byte-identical replies are normally separate events; only a device
+        fact proves a repeat. A coin routed to a tube raises that tube's count, which the item
+        carries: an item for the same tube with the same count as the previous reply's, with
+        nothing since that could lower the tube, is the changer sending its report again
+        after missing our ACK. Cashbox coins carry no such fact and are never dropped."""
+        return (
+            event.route is CoinRoute.TUBES
+            and self._last_tube_deposit.get(event.coin_type) == event.tube_count
+        )
 
     def _tube_seen(self, coin_type: int, count: int) -> None:
         # The item carries the new count; the full flag needs a TUBE STATUS.
@@ -770,8 +831,12 @@ class CoinChanger(MdbDevice):
         self._tubes_stale = True
 
     def _tube_moved(self, coin_type: int, delta: int) -> None:
-        if self._pending is not None:
-            moves = self._pending.tube_moves
+        pending = self._pending
+        # Only a reply received after the payout's baseline TUBE STATUS moves coins against
+        # it: an earlier one (a supervisor POLL answered just before, parsed just after) is
+        # already in the baseline's counts.
+        if pending is not None and self._reply_ns > pending.baseline_ns:
+            moves = pending.tube_moves
             moves[coin_type] = moves.get(coin_type, 0) + delta
 
     async def after_poll(self) -> None:
@@ -783,10 +848,31 @@ class CoinChanger(MdbDevice):
     # --- commands ----------------------------------------------------------------------
 
     async def tube_status(self) -> TubeStatus:
-        status = decode_tube_status((await self._command(TUBE_STATUS)).data)
+        status, _reply_ns = await self._read_tube_status()
+        return status
+
+    async def _read_tube_status(self) -> tuple[TubeStatus, int]:
+        reply = await self._command(TUBE_STATUS)
+        status = decode_tube_status(reply.data)
         self.tubes = status
         self._tubes_stale = False
-        return status
+        for coin_type, count in list(self._last_tube_deposit.items()):
+            if status.count(coin_type) != count:
+                self._last_tube_deposit.pop(coin_type)  # the tube moved since: no proof left
+        return status, reply.reply_ns
+
+    async def settle_activity(self, max_polls: int = SETTLE_MAX_POLLS) -> bool:
+        """POLL until the changer has nothing more to report (a lone ACK), handing every item
+        on as an ordinary event. Before a payout takes its starting tube counts, every coin
+        the changer already counted is then reported and credited, not mistaken for a coin
+        that moved during the payout. True when the changer fell quiet."""
+        for _ in range(max_polls):
+            if await self._poll_and_dispatch():
+                return False
+            if self._last_poll_quiet:
+                return True
+        log.warning("coin: still reporting after %d POLLs; payout goes on", max_polls)
+        return False
 
     async def diagnostics(self) -> DiagnosticStatus:
         """Level 3: DIAGNOSTIC STATUS."""
@@ -811,20 +897,29 @@ class CoinChanger(MdbDevice):
         if self._need_setup().level < 3:
             raise NotSupported("level-3 command sent to a level-2 coin changer")
 
-    async def _begin_payout(self, requested: int, alternative: bool) -> _PendingPayout:
+    async def _begin_payout(
+        self, requested: int, alternative: bool, commanded: Mapping[int, int] | None = None
+    ) -> _PendingPayout:
         pending = self._pending
         if pending is None:
-            pending = _PendingPayout(await self.tube_status(), self._startups)
+            await self.settle_activity()
+            baseline, baseline_ns = await self._read_tube_status()
+            pending = _PendingPayout(baseline, self._startups, baseline_ns)
             self._pending = pending
+            self._last_tube_deposit.clear()  # coins leave the tubes from now on
         pending.requested += requested
         pending.alternative = pending.alternative and alternative
+        for coin_type, count in (commanded or {}).items():
+            pending.commanded[coin_type] = pending.commanded.get(coin_type, 0) + count
         return pending
 
     async def dispense(self, coin_type: int, count: int) -> None:
         """DISPENSE ``count`` (1..15) coins of one type. Sent once; then ``wait_payout_done``."""
         payload = encode_dispense(coin_type, count)
         setup = self._need_setup()
-        await self._begin_payout(count * setup.value_of(coin_type), alternative=False)
+        await self._begin_payout(
+            count * setup.value_of(coin_type), alternative=False, commanded={coin_type: count}
+        )
         await self._command(DISPENSE, payload, max_attempts=1)
 
     async def payout(self, value: int) -> None:
@@ -872,6 +967,7 @@ class CoinChanger(MdbDevice):
                 log.warning("coin: PAYOUT STATUS %s, tube counts say %s", counts, by_tubes)
         else:
             counts = by_tubes
+        counts = self._within_command(pending, counts)
         value = sum(setup.value_of(t) * n for t, n in counts.items())
         if finished:
             self._pending = None
@@ -923,6 +1019,38 @@ class CoinChanger(MdbDevice):
                 return True
             await asyncio.sleep(self.poll_interval_s)
         return False
+
+    def _within_command(self, pending: _PendingPayout, counts: dict[int, int]) -> dict[int, int]:
+        """A payout never counts more than was commanded: DISPENSE pays only its type and at
+        most its count; PAYOUT at most its value. More than that is a miscount (a late item,
+        a tube sensor's error), not money out: log it as a fault and leave the difference
+        to reconciliation of the tube counts."""
+        setup = self._need_setup()
+        bounded = dict(counts)
+        if not pending.alternative:
+            bounded = {
+                t: min(n, pending.commanded.get(t, 0))
+                for t, n in counts.items()
+                if pending.commanded.get(t, 0) > 0
+            }
+        else:
+            # Drop the largest coins first until the value fits what PAYOUT asked for.
+            for t in sorted(bounded, key=setup.value_of, reverse=True):
+                while bounded[t] > 0 and (
+                    sum(setup.value_of(c) * n for c, n in bounded.items()) > pending.requested
+                ):
+                    bounded[t] -= 1
+            bounded = {t: n for t, n in bounded.items() if n > 0}
+        if bounded != counts:
+            log.error(
+                "coin: payout counted %s, more than commanded (%s, %d minor units); "
+                "recording %s, the rest is left to reconciliation",
+                counts,
+                pending.commanded or "PAYOUT",
+                pending.requested,
+                bounded,
+            )
+        return bounded
 
     @staticmethod
     def _tube_difference(pending: _PendingPayout, after: TubeStatus) -> dict[int, int]:

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from drivers.errors import MdbError
+from drivers.errors import MdbError, NakReceived, NoResponse
 from drivers.mdb.block import COMMAND_MASK
-from drivers.mdb.commands import CommandDef
+from drivers.mdb.commands import ACK_ONLY, ACK_OR_DATA, CommandDef, ReplyShape
 from drivers.mdb.master import MdbBus, Priority, Reply
 
 log = logging.getLogger("drivers.mdb.device")
@@ -33,6 +33,9 @@ RESET_SETTLE_S = 0.5
 JUST_RESET_WAIT_S = 2.0
 #: Pause between start-up attempts of a device that does not answer (keeps the bus free).
 OFFLINE_RETRY_S = 1.0
+#: Longest pause before a command that got no answer is sent again (each send already made
+#: its own attempts, ~50 ms); the device's poll interval when that is shorter.
+COMMAND_RETRY_PAUSE_S = 0.1
 
 
 class DeviceState(enum.Enum):
@@ -98,11 +101,11 @@ class MdbDevice(abc.ABC):
     #: Command offsets common to every device class (MDB 4.2 §5, §6, §7: RESET is cmd 0).
     RESET_CMD: ClassVar[int] = 0x00
     POLL_CMD: ClassVar[int]
-    #: Non-response time: silent longer than this, the device counts as gone.
+    #: Non-response time: silent longer than this, the device counts as gone (mdb.md
+    #: "Timing"). Until then a command that got no answer is sent again.
     NON_RESPONSE_S: ClassVar[float]
-    #: Treat a POLL reply identical to the one just acknowledged as the peripheral's
-    #: retransmission after it missed our ACK (mdb.md "Wire": deduplicate).
-    IGNORE_DUPLICATE_POLLS: ClassVar[bool] = True
+    #: The shape of a valid POLL answer (ACK, or the device's activity items).
+    POLL_REPLY: ClassVar[ReplyShape] = ACK_OR_DATA
 
     def __init__(
         self,
@@ -152,13 +155,35 @@ class MdbDevice(abc.ABC):
         *,
         priority: Priority = Priority.COMMAND,
         max_attempts: int | None = None,
+        expect: ReplyShape = ACK_OR_DATA,
     ) -> Reply:
-        """One exchange with this device; marks it alive when it answers."""
-        reply = await self.master.request(
-            self.ADDRESS | command, data, priority=priority, max_attempts=max_attempts
-        )
-        self._last_answer = self._clock()
-        return reply
+        """One exchange with this device; marks it alive when it answers.
+
+        A device counts as gone only after its non-response time (mdb.md "Timing"), not after
+        one command's few attempts: a command that may be repeated (``max_attempts`` not
+        given) is sent again until it is answered or the device has been silent that long
+        (since its last answer, or since this object was made for one never heard).
+        A command that must not be repeated blindly (``max_attempts`` given: a payout, an
+        escrow) fails at once, and its caller finds out what happened by other means.
+        """
+        while True:
+            try:
+                reply = await self.master.request(
+                    self.ADDRESS | command,
+                    data,
+                    priority=priority,
+                    max_attempts=max_attempts,
+                    expect=expect,
+                )
+            except (NoResponse, NakReceived) as exc:
+                silent_for = self._clock() - self._last_answer
+                if max_attempts is not None or silent_for >= self.NON_RESPONSE_S:
+                    raise
+                log.debug("%s: %s; sending again", self.NAME, exc)
+                await asyncio.sleep(min(self.poll_interval_s, COMMAND_RETRY_PAUSE_S))
+                continue
+            self._last_answer = self._clock()
+            return reply
 
     @property
     def accepting(self) -> bool:
@@ -176,7 +201,11 @@ class MdbDevice(abc.ABC):
         """One command from the device's table (sub-command and length checked by it)."""
         addr_cmd, data = command.request(self.ADDRESS, payload)
         return await self.request(
-            addr_cmd & COMMAND_MASK, data, priority=priority, max_attempts=max_attempts
+            addr_cmd & COMMAND_MASK,
+            data,
+            priority=priority,
+            max_attempts=max_attempts,
+            expect=command.reply,
         )
 
     def set_enabled(self, enabled: bool) -> None:
@@ -192,14 +221,14 @@ class MdbDevice(abc.ABC):
 
     async def start_up(self) -> None:
         """RESET, POLL until JUST RESET, then the device's own initialisation and enable."""
-        await self.request(self.RESET_CMD, priority=Priority.RESET)
+        await self.request(self.RESET_CMD, priority=Priority.RESET, expect=ACK_ONLY)
         # Announced once the device answers: an absent device stays OFFLINE while it is
         # retried, instead of flapping OFFLINE -> STARTING -> OFFLINE every retry.
         self._set_state(DeviceState.STARTING)
         await asyncio.sleep(RESET_SETTLE_S)
         deadline = self._clock() + JUST_RESET_WAIT_S
         while True:
-            reply = await self.request(self.POLL_CMD, priority=Priority.POLL)
+            reply = await self.poll_request()
             if reply.data and any(isinstance(e, JustReset) for e in self.parse_poll(reply.data)):
                 break
             if self._clock() > deadline:
@@ -225,9 +254,15 @@ class MdbDevice(abc.ABC):
             await self.apply_enable(wanted)
             self._enabled_applied = wanted
 
+    async def poll_request(self) -> Reply:
+        """One POLL exchange. Every data reply the master ACKed is new activity: byte-identical
+        replies in a row are separate events (mdb.md "Wire"); only a device fact can prove a
+        repeat, and that is the device class's call in ``parse_poll``."""
+        return await self.request(self.POLL_CMD, priority=Priority.POLL, expect=self.POLL_REPLY)
+
     async def poll_once(self) -> list[DeviceEvent]:
-        reply = await self.request(self.POLL_CMD, priority=Priority.POLL)
-        if not reply.data or (reply.duplicate and self.IGNORE_DUPLICATE_POLLS):
+        reply = await self.poll_request()
+        if not reply.data:
             return []
         return self.parse_poll(reply.data)
 

@@ -4,16 +4,24 @@ A line thread in the daemon's process still needs the interpreter lock to read a
 write the ACK, and a C call on the event loop (a big ``json.dumps`` for telemetry, TLS) holds
 that lock for milliseconds: the benchmark showed ACKs late by 10 ms that way. Here the line has
 a process, and so a lock, of its own: the child runs the same exchange logic
-(``BusMaster.exchange_blocking``: retries, RET, ACK at once, duplicates, pcap) and the daemon
-talks to it over a socket pair, from asyncio, without blocking.
+(``BusMaster.exchange_blocking``: retries, RET, ACK at once, reply shapes, pcap) and the
+daemon talks to it over a socket pair, from asyncio, without blocking.
+
+When the port goes away (a ser2net bridge restarts, a USB adapter is unplugged, a simulator
+stops), the child ends; the parent reports the link down to its listeners, fails requests at
+once with ``LinkClosed``, and starts a new child with jittered exponential backoff until the
+port opens again (mdb.md: the devices then go through their start-up again by themselves).
 
 Frames on the socket pair: a 4-byte big-endian length, then a JSON object.
-Parent → child: ``{"op": "req", "id", "pri", "ac", "d" (hex), "ma"}``, ``{"op": "cancel",
-"id"}``, ``{"op": "break", "id", "dur"}``, ``{"op": "stop"}``.
+Parent → child: ``{"op": "req", "id", "pri", "ac", "d" (hex), "ma", "ex"}`` (``ex``: the reply
+shape ``[ack, min, max]``), ``{"op": "cancel", "id"}``, ``{"op": "break", "id", "dur"}``,
+``{"op": "stop"}``.
 Child → parent: ``{"op": "ready", "sched"}`` (``sched``: how the line is scheduled) or
-``{"op": "fatal", "msg"}`` once at start; then per request ``{"id", "ok": true, "ac", "d", "dup",
+``{"op": "fatal", "msg"}`` once at start; then per request ``{"id", "ok": true, "ac", "d",
 "att", "rns", "ans", "stats"}`` or ``{"id", "ok": false, "err", "msg", "addr", "att", "stats"}``;
-for a break ``{"id", "ok": true, "sent"}``.
+for a break ``{"id", "ok": true, "sent"}``; and at any time ``{"op": "log", "lvl", "name",
+"msg"}``: a log record of the child, which the parent logs as its own (one log output, in the
+daemon's format, TRACE lines included).
 """
 
 from __future__ import annotations
@@ -26,11 +34,13 @@ import itertools
 import json
 import logging
 import queue
+import random
 import signal
 import socket
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +53,7 @@ from drivers.errors import (
     NoResponse,
 )
 from drivers.mdb.block import address_of, command_block
+from drivers.mdb.commands import ACK_OR_DATA, ReplyShape
 from drivers.mdb.link import open_link
 from drivers.mdb.master import (
     BUS_RESET_QUIET_S,
@@ -60,6 +71,8 @@ from drivers.mdb.master import (
 from drivers.mdb.pcap import PcapWriter
 
 log = logging.getLogger("drivers.mdb.line_process")
+#: The TRACE level of drivers.mdb.master (raw bus bytes), named here for the child's log level.
+TRACE_LEVEL = 5
 
 FRAME_HEADER = struct.Struct(">I")
 #: Largest frame either side accepts (a request or reply is a few hundred bytes).
@@ -68,6 +81,13 @@ MAX_FRAME_BYTES = 64 * 1024
 CHILD_READY_TIMEOUT_S = 20.0
 #: How long the child gets to stop after "stop" before it is killed.
 CHILD_STOP_TIMEOUT_S = 1.0
+#: Reopening a lost port: first wait, doubling up to the cap, each wait jittered down to half
+#: (a fleet of machines behind one restarted bridge must not retry in step).
+RECONNECT_FIRST_WAIT_S = 0.25
+RECONNECT_MAX_WAIT_S = 5.0
+
+#: ``callback(up, detail)``: the link came up (detail: the port) or went down (detail: why).
+LinkListener = Callable[[bool, str], None]
 
 
 def _encode(obj: dict[str, Any]) -> bytes:
@@ -134,6 +154,8 @@ def serve(
         with write_lock:
             sock.sendall(_encode(obj))
 
+    logging.getLogger().addHandler(_ParentLogHandler(send))
+
     try:
         link = open_link(kind, port)
     except DriverError as exc:
@@ -175,8 +197,10 @@ def serve(
                 send({"id": req_id, "ok": True, "sent": sent})
                 continue
             try:
+                shape = frame.get("ex")
+                expect = ReplyShape(*shape) if shape else ACK_OR_DATA
                 reply = engine.exchange_blocking(
-                    int(frame["ac"]), bytes.fromhex(frame["d"]), int(frame["ma"])
+                    int(frame["ac"]), bytes.fromhex(frame["d"]), int(frame["ma"]), expect
                 )
             except MdbError as exc:
                 send(_error_frame(req_id, exc, engine.stats))
@@ -189,7 +213,6 @@ def serve(
                     "ok": True,
                     "ac": reply.addr_cmd,
                     "d": reply.data.hex(),
-                    "dup": reply.duplicate,
                     "att": reply.attempts,
                     "rns": reply.reply_ns,
                     "ans": reply.ack_ns,
@@ -204,6 +227,21 @@ def serve(
             engine.pcap.close()
 
 
+class _ParentLogHandler(logging.Handler):
+    """Hands the child's log records to the parent, which logs them as its own."""
+
+    def __init__(self, send: Callable[[dict[str, Any]], None]) -> None:
+        super().__init__()
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            self._send({"op": "log", "lvl": record.levelno, "name": record.name, "msg": message})
+        except Exception:  # the parent is gone: nowhere to log to
+            self.handleError(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m drivers.mdb.line_process")
     parser.add_argument("--fd", type=int, required=True)
@@ -211,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", required=True)
     parser.add_argument("--slack-s", type=float, default=Timing().slack_s)
     parser.add_argument("--pcap", default="")
-    parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--log-level", type=int, default=logging.INFO)
     parser.add_argument("--realtime-priority", type=int)
     args = parser.parse_args(argv)
     # The parent decides when the line stops ("stop", or EOF when it dies). A Ctrl-C in the
@@ -219,11 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     # orderly shutdown.
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, signal.SIG_IGN)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=5 if args.trace else logging.WARNING,
-        format="%(asctime)s mdb-line %(levelname)s %(message)s",
-    )
+    # Records go to the parent over the socket (``_ParentLogHandler``, added in ``serve``);
+    # nothing is printed here, so the daemon's log stays one format.
+    logging.getLogger().setLevel(args.log_level)
     scheduling = SCHED_NORMAL
     if args.realtime_priority:
         scheduling = set_realtime_priority(args.realtime_priority)
@@ -257,6 +293,7 @@ class LineProcessMaster(MdbBus):
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._ready: asyncio.Future[None] | None = None
@@ -264,11 +301,35 @@ class LineProcessMaster(MdbBus):
         #: or "normal (SCHED_FIFO 10 refused: ...)".
         self.scheduling = ""
         self._closed = False
-        self._gone: DriverError | None = None  # why the child is gone, once it is
+        self._gone: DriverError | None = None  # why the child is gone, while it is
+        self._listeners: list[LinkListener] = []
+        self.link_up = False
+        #: Why the link is down, or the port while it is up.
+        self.link_detail = "not opened yet"
+        #: Children started after a lost link (0 while the first one serves).
+        self.reconnects = 0
+
+    def add_link_listener(self, listener: LinkListener) -> None:
+        """``listener(up, detail)`` on every change of the link, on the event loop."""
+        self._listeners.append(listener)
+
+    def _set_link(self, up: bool, detail: str) -> None:
+        if up == self.link_up and detail == self.link_detail:
+            return
+        self.link_up, self.link_detail = up, detail
+        for listener in list(self._listeners):
+            try:
+                listener(up, detail)
+            except Exception:  # a listener's bug must not stop the line's recovery
+                log.exception("mdb link listener failed")
 
     async def open(self) -> None:
         """Start the child and wait until it has the port open (raises LinkConfigError)."""
+        await self._start_child()
+
+    async def _start_child(self) -> None:
         parent_sock, child_sock = socket.socketpair()
+        level = TRACE_LEVEL if self._trace else logging.getLogger("drivers.mdb").getEffectiveLevel()
         argv = [
             sys.executable,
             "-m",
@@ -281,17 +342,19 @@ class LineProcessMaster(MdbBus):
             self.port,
             "--slack-s",
             str(self.timing.slack_s),
+            "--log-level",
+            str(level),
         ]
         if self._pcap:
             argv += ["--pcap", self._pcap]
-        if self._trace:
-            argv.append("--trace")
         if self._realtime_priority:
             argv += ["--realtime-priority", str(self._realtime_priority)]
-        self._proc = await asyncio.create_subprocess_exec(
-            *argv, pass_fds=(child_sock.fileno(),), stdin=asyncio.subprocess.DEVNULL
-        )
-        child_sock.close()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv, pass_fds=(child_sock.fileno(),), stdin=asyncio.subprocess.DEVNULL
+            )
+        finally:
+            child_sock.close()
         reader, self._writer = await asyncio.open_unix_connection(sock=parent_sock)
         self._ready = asyncio.get_running_loop().create_future()
         self._reader_task = asyncio.create_task(self._read_replies(reader), name="mdb-line-rx")
@@ -299,8 +362,10 @@ class LineProcessMaster(MdbBus):
             async with asyncio.timeout(CHILD_READY_TIMEOUT_S):
                 await asyncio.shield(self._ready)
         except BaseException:
-            await self.close()
+            await self._stop_child()
             raise
+        self._gone = None
+        self._set_link(True, self.port)
 
     def start(self) -> None:
         """Nothing to do: ``open`` starts the child."""
@@ -313,6 +378,11 @@ class LineProcessMaster(MdbBus):
                 (length,) = FRAME_HEADER.unpack(header)
                 frame: dict[str, Any] = json.loads(await reader.readexactly(length))
                 op = frame.get("op")
+                if op == "log":
+                    logging.getLogger(str(frame.get("name", "drivers.mdb"))).log(
+                        int(frame.get("lvl", logging.INFO)), "%s", frame.get("msg", "")
+                    )
+                    continue
                 if op == "ready":
                     self.scheduling = str(frame.get("sched", SCHED_NORMAL))
                     if self._ready is not None and not self._ready.done():
@@ -323,6 +393,8 @@ class LineProcessMaster(MdbBus):
                     break
                 if "stats" in frame:
                     self.stats = BusStats(*frame["stats"])
+                if frame.get("err") == "LinkClosed":
+                    error = LinkClosed(f"the MDB port went away: {frame.get('msg', '')}")
                 future = self._pending.pop(int(frame["id"]), None)
                 if future is not None and not future.done():
                     future.set_result(frame)
@@ -331,6 +403,37 @@ class LineProcessMaster(MdbBus):
         finally:
             self._gone = error
             self._fail_all(error)
+            self._on_child_gone(error)
+
+    def _on_child_gone(self, error: DriverError) -> None:
+        """The child ended while it served: the link is down; reopen it with backoff."""
+        if self._closed or self._ready is None or not self._ready.done():
+            return  # closing, or the first start failed (``open`` raises that)
+        if self._ready.exception() is not None:
+            return
+        log.warning("mdb link lost: %s; reopening %s", error, self.port)
+        self._set_link(False, str(error))
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.create_task(self._reconnect(), name="mdb-reconnect")
+
+    async def _reconnect(self) -> None:
+        await self._stop_child()
+        wait_s = RECONNECT_FIRST_WAIT_S
+        failures = 0
+        while not self._closed:
+            await asyncio.sleep(random.uniform(wait_s / 2, wait_s))
+            try:
+                await self._start_child()
+            except (DriverError, OSError) as exc:
+                failures += 1
+                # First failure said above at WARNING; its repeats at DEBUG.
+                log.debug("mdb link: reopening %s failed (%d): %s", self.port, failures, exc)
+                self._set_link(False, f"reopening {self.port} failed: {exc}")
+                wait_s = min(wait_s * 2, RECONNECT_MAX_WAIT_S)
+                continue
+            self.reconnects += 1
+            log.info("mdb link back on %s after %d failed reopenings", self.port, failures)
+            return
 
     def _fail_all(self, error: DriverError) -> None:
         if self._ready is not None and not self._ready.done():
@@ -342,7 +445,7 @@ class LineProcessMaster(MdbBus):
 
     async def _call(self, frame: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         if self._gone is not None:
-            raise LinkClosed(f"the MDB line process is gone: {self._gone}")
+            raise LinkClosed(f"the MDB link is down: {self._gone}")
         if self._closed or self._writer is None:
             raise LinkClosed("bus master is not running")
         req_id = next(self._ids)
@@ -366,10 +469,18 @@ class LineProcessMaster(MdbBus):
         *,
         priority: Priority = Priority.COMMAND,
         max_attempts: int | None = None,
+        expect: ReplyShape = ACK_OR_DATA,
     ) -> Reply:
         command_block(addr_cmd, data)  # raise BlockTooLong here, in the caller
         attempts = max_attempts if max_attempts is not None else DEFAULT_MAX_ATTEMPTS
-        frame = {"op": "req", "pri": int(priority), "ac": addr_cmd, "d": data.hex(), "ma": attempts}
+        frame = {
+            "op": "req",
+            "pri": int(priority),
+            "ac": addr_cmd,
+            "d": data.hex(),
+            "ma": attempts,
+            "ex": expect.as_tuple(),
+        }
         try:
             answer = await self._call(frame, REQUEST_DEADLINE_S)
         except TimeoutError as exc:
@@ -379,7 +490,6 @@ class LineProcessMaster(MdbBus):
         return Reply(
             int(answer["ac"]),
             bytes.fromhex(answer["d"]),
-            bool(answer["dup"]),
             int(answer["att"]),
             int(answer["rns"]),
             int(answer["ans"]),
@@ -392,14 +502,13 @@ class LineProcessMaster(MdbBus):
             await asyncio.sleep(BUS_RESET_QUIET_S)
         return sent
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._writer is not None:
+    async def _stop_child(self) -> None:
+        """Ask the child to stop, kill it if it does not, and drop the socket to it."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
             with contextlib.suppress(ConnectionError, RuntimeError):
-                self._writer.write(_encode({"op": "stop"}))
-                await self._writer.drain()
+                writer.write(_encode({"op": "stop"}))
+                await writer.drain()
         proc = self._proc
         if proc is not None and proc.returncode is None:
             try:
@@ -409,15 +518,28 @@ class LineProcessMaster(MdbBus):
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
-        if self._writer is not None:
-            self._writer.close()
+        if writer is not None:
+            writer.close()
             with contextlib.suppress(ConnectionError):
-                await self._writer.wait_closed()
-        if self._reader_task is not None:
-            self._reader_task.cancel()
+                await writer.wait_closed()
+        task = self._reader_task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reader_task
+                await task
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnect_task
+        await self._stop_child()
         self._fail_all(LinkClosed("bus master closed"))
+        self.link_up = False
+        self.link_detail = "closed"
 
 
 if __name__ == "__main__":

@@ -10,8 +10,12 @@ Retries follow MDB 4.2 §2.2:
 * no reply within t-response (5 ms): the VMC sends the command again;
 * a reply whose CHK fails: the VMC sends RET and the peripheral sends the same data again;
 * NAK from the peripheral (it could not take the command): the VMC sends the command again.
-A peripheral that misses our ACK sends the same data again at the next POLL; such a reply is
-marked ``duplicate`` so the device layer does not count its events twice.
+* a reply whose length or shape does not fit the command (``ReplyShape``): not ACKed, the line
+  is let fall silent, and the command is sent again: a late reply of another device is never
+  taken as this command's answer (mdb.md "Wire").
+Every reply the master ACKs is handed up as an event: two byte-identical replies in a row are
+normally two events (two coins of one type to the cashbox), so nothing here drops a reply for
+matching the one before. Only a device fact can prove a repeat; that is the device layer's call.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from drivers.mdb.block import (
     command_block,
 )
 from drivers.mdb.codec import WordDecoder
+from drivers.mdb.commands import ACK_OR_DATA, ReplyShape
 from drivers.mdb.link import MdbLink
 from drivers.mdb.pcap import Direction, PcapWriter
 
@@ -65,6 +70,11 @@ DEFAULT_MAX_ATTEMPTS = 3
 #: Longest drain after a timed-out attempt, in first-word timeouts (a peripheral still
 #: sending a long late reply at 9600 baud needs up to 36 word times).
 MAX_DRAIN_FACTOR = 8
+#: mdb.md "Wire": after a time-out the line must fall silent before the next command. Silent
+#: for a whole response window (t-response 5 ms + one word + slack): a peripheral that
+#: answers late starts its reply within it, and its bytes are dropped instead of being read
+#: as the answer to the next command (or to another device's).
+QUIET_AFTER_TIMEOUT_WINDOWS = 1.0
 #: Upper bound for one request from submission to result: queueing behind other devices'
 #: exchanges plus every attempt's timeouts. Only a dead line thread can reach it.
 REQUEST_DEADLINE_S = 2.0
@@ -106,7 +116,6 @@ class Reply:
 
     addr_cmd: int
     data: bytes
-    duplicate: bool = False
     attempts: int = 1
     reply_ns: int = 0  # perf_counter_ns when the reply's last word arrived
     ack_ns: int = 0  # perf_counter_ns when our ACK was written (0 for a lone ACK)
@@ -141,7 +150,7 @@ class BusStats:
     rets_sent: int = 0
     naks_received: int = 0
     timeouts: int = 0
-    duplicates: int = 0
+    misfits: int = 0  # replies whose shape did not fit the command: not ACKed
     stale_bytes: int = 0
 
 
@@ -154,6 +163,7 @@ class _Request:
     max_attempts: int = field(compare=False)
     future: asyncio.Future[Reply] | None = field(compare=False)
     loop: asyncio.AbstractEventLoop | None = field(compare=False)
+    expect: ReplyShape = field(compare=False, default=ACK_OR_DATA)
 
 
 class MdbBus(abc.ABC):
@@ -180,6 +190,7 @@ class MdbBus(abc.ABC):
         *,
         priority: Priority = Priority.COMMAND,
         max_attempts: int | None = None,
+        expect: ReplyShape = ACK_OR_DATA,
     ) -> Reply: ...
 
     @abc.abstractmethod
@@ -212,10 +223,6 @@ class BusMaster(MdbBus):
         self._wire = threading.Lock()
         self._decoder = WordDecoder()
         self._framer = ReplyFramer()
-        # Per address: the last command sent and the data it answered, for duplicates. Only a
-        # repeat of the very previous exchange counts: the same event can legitimately come
-        # again after other commands (two VEND DENIED for two requests).
-        self._last_exchange: dict[int, tuple[int, bytes]] = {}
         self._saved_switch_interval: float | None = None
 
     # --- asyncio side ----------------------------------------------------------------------
@@ -251,11 +258,14 @@ class BusMaster(MdbBus):
         *,
         priority: Priority = Priority.COMMAND,
         max_attempts: int | None = None,
+        expect: ReplyShape = ACK_OR_DATA,
     ) -> Reply:
         """Send one command block and return the peripheral's reply (already ACKed).
 
         Raises NoResponse, NakReceived or LinkClosed. ``max_attempts=1`` for commands that must
         not be sent twice blindly (a payout whose ACK was lost is checked by status instead).
+        ``expect``: the shape of a valid answer; anything else is not ACKed and counts as no
+        answer.
         """
         if self._thread is None or self._stopping.is_set():
             raise LinkClosed("bus master is not running")
@@ -264,7 +274,7 @@ class BusMaster(MdbBus):
         attempts = max_attempts if max_attempts is not None else DEFAULT_MAX_ATTEMPTS
         command_block(addr_cmd, data)  # raise BlockTooLong here, in the caller
         self._queue.put(
-            _Request(int(priority), next(self._seq), addr_cmd, data, attempts, future, loop)
+            _Request(int(priority), next(self._seq), addr_cmd, data, attempts, future, loop, expect)
         )
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
@@ -302,7 +312,7 @@ class BusMaster(MdbBus):
                 continue
             result: Reply | MdbError
             try:
-                result = self._exchange(req.addr_cmd, req.data, req.max_attempts)
+                result = self._exchange(req.addr_cmd, req.data, req.max_attempts, req.expect)
             except MdbError as exc:
                 result = exc
             except Exception as exc:  # a bug here must fail the caller, not kill the thread
@@ -338,30 +348,35 @@ class BusMaster(MdbBus):
         with contextlib.suppress(RuntimeError):  # the loop is already closed
             loop.call_soon_threadsafe(settle)
 
-    def exchange_blocking(self, addr_cmd: int, data: bytes = b"", max_attempts: int = 1) -> Reply:
+    def exchange_blocking(
+        self,
+        addr_cmd: int,
+        data: bytes = b"",
+        max_attempts: int = 1,
+        expect: ReplyShape = ACK_OR_DATA,
+    ) -> Reply:
         """One exchange from the calling thread (benchmarks and tools without a loop)."""
-        return self._exchange(addr_cmd, data, max_attempts)
+        return self._exchange(addr_cmd, data, max_attempts, expect)
 
     def bus_reset_blocking(self, duration_s: float) -> bool:
         """Send the BREAK (not the quiet time after it) and record it in the capture."""
         with self._wire:
             sent = self.link.send_break(duration_s)
             if sent:
-                self._last_exchange.clear()  # every peripheral starts afresh
                 if self.pcap is not None:
                     self.pcap.record(Direction.BUS_RESET, b"")
                 log.log(TRACE, "mdb bus reset (BREAK %.3f s)", duration_s)
         return sent
 
-    def _exchange(self, addr_cmd: int, data: bytes, max_attempts: int) -> Reply:
+    def _exchange(self, addr_cmd: int, data: bytes, max_attempts: int, expect: ReplyShape) -> Reply:
         with self._wire:
-            return self._exchange_on_wire(addr_cmd, data, max_attempts)
+            return self._exchange_on_wire(addr_cmd, data, max_attempts, expect)
 
-    def _exchange_on_wire(self, addr_cmd: int, data: bytes, max_attempts: int) -> Reply:
+    def _exchange_on_wire(
+        self, addr_cmd: int, data: bytes, max_attempts: int, expect: ReplyShape
+    ) -> Reply:
         block = command_block(addr_cmd, data)
         address = address_of(addr_cmd)
-        if addr_cmd == address:  # RESET (command 0): whatever the device said before is gone
-            self._last_exchange.pop(address, None)
         naks = 0
         self.stats.exchanges += 1
         tracing = log.isEnabledFor(TRACE)
@@ -390,35 +405,43 @@ class BusMaster(MdbBus):
                 if self.pcap is not None:
                     self.pcap.record(Direction.MASTER_TO_PERIPHERAL, bytes((RET,)))
                 event = self._read_reply()
+            if isinstance(event, (DataReply, AckReply)) and not expect.fits(
+                event.data if isinstance(event, DataReply) else b""
+            ):
+                # Not this command's answer (a late reply of another exchange, or of another
+                # device): never ACK it. The line falls silent, then the command goes again.
+                self.stats.misfits += 1
+                got = event.data.hex(" ") if isinstance(event, DataReply) else "ACK"
+                if self.pcap is not None and isinstance(event, DataReply):
+                    self.pcap.record(Direction.PERIPHERAL_TO_MASTER, event.data, address, True)
+                log.debug(
+                    "mdb 0x%02X: reply %s does not fit 0x%02X (expected %s); not ACKed",
+                    address,
+                    got,
+                    addr_cmd,
+                    expect.describe(),
+                )
+                self.stats.stale_bytes += self._drain_until_quiet(self._quiet_after_timeout_s)
+                continue
             if isinstance(event, DataReply):
                 reply_ns = time.perf_counter_ns()
                 self.link.send_control(ACK)  # at once: before anything else looks at the data
                 ack_ns = time.perf_counter_ns()
-                duplicate = self._last_exchange.get(address) == (addr_cmd, event.data)
-                self._last_exchange[address] = (addr_cmd, event.data)
-                if duplicate:
-                    self.stats.duplicates += 1
                 if self.pcap is not None:
                     self.pcap.record(Direction.PERIPHERAL_TO_MASTER, event.data, address, True)
                     self.pcap.record(Direction.MASTER_TO_PERIPHERAL, bytes((ACK,)))
                 if tracing:
-                    log.log(
-                        TRACE,
-                        "mdb < %s (ACKed%s)",
-                        event.data.hex(" "),
-                        ", duplicate" if duplicate else "",
-                    )
+                    log.log(TRACE, "mdb < %s (ACKed)", event.data.hex(" "))
                 self._after_retransmission(attempt)
-                return Reply(addr_cmd, event.data, duplicate, attempt, reply_ns, ack_ns)
+                return Reply(addr_cmd, event.data, attempt, reply_ns, ack_ns)
             if isinstance(event, AckReply):
-                self._last_exchange[address] = (addr_cmd, b"")
                 if self.pcap is not None:
                     self.pcap.record(Direction.PERIPHERAL_TO_MASTER, bytes((ACK,)), address)
                 if tracing:
                     log.log(TRACE, "mdb < ACK")
                 reply_ns = time.perf_counter_ns()
                 self._after_retransmission(attempt)
-                return Reply(addr_cmd, b"", False, attempt, reply_ns, 0)
+                return Reply(addr_cmd, b"", attempt, reply_ns, 0)
             if isinstance(event, NakReply):
                 naks += 1
                 self.stats.naks_received += 1
@@ -430,10 +453,14 @@ class BusMaster(MdbBus):
             log.debug("mdb 0x%02X: no valid reply (attempt %d): %s", address, attempt, event)
             # A reply that comes after its deadline must not be read as the answer to the
             # retransmission (or to the next command): wait for the line to go quiet first.
-            self.stats.stale_bytes += self._drain_until_quiet()
+            self.stats.stale_bytes += self._drain_until_quiet(self._quiet_after_timeout_s)
         if naks == max_attempts:
             raise NakReceived(address, max_attempts)
         raise NoResponse(address, max_attempts)
+
+    @property
+    def _quiet_after_timeout_s(self) -> float:
+        return self.timing.first_word_s * QUIET_AFTER_TIMEOUT_WINDOWS
 
     def _after_retransmission(self, attempt: int) -> None:
         """After an answer to a retransmitted command: the answer taken may have been the
@@ -442,18 +469,16 @@ class BusMaster(MdbBus):
         if attempt > 1:
             self.stats.stale_bytes += self._drain_until_quiet(self.timing.first_word_s)
 
-    def _drain_until_quiet(self, first_wait_s: float | None = None) -> int:
-        """Read and drop bytes until none arrived for one inter-word timeout (or, before the
-        first byte, ``first_wait_s``); bounded by MAX_DRAIN_FACTOR response windows."""
+    def _drain_until_quiet(self, quiet_s: float) -> int:
+        """Read and drop bytes until none arrived for ``quiet_s``; bounded by MAX_DRAIN_FACTOR
+        response windows (a line that never falls silent must not hold the line thread)."""
         dropped = 0
         deadline = time.monotonic() + self.timing.first_word_s * MAX_DRAIN_FACTOR
-        wait_s = self.timing.next_word_s if first_wait_s is None else first_wait_s
         while time.monotonic() < deadline:
-            chunk = self.link.read(wait_s)
+            chunk = self.link.read(quiet_s)
             if not chunk:
                 break
             dropped += len(chunk)
-            wait_s = self.timing.next_word_s
         return dropped
 
     def _read_reply(self) -> ReplyEvent | None:
