@@ -188,7 +188,7 @@ def cash_daemon(tmp_path: Path, sims: ExternalSims) -> Daemon:
 
 
 def test_sigterm_during_a_short_vend_answers_with_the_result(tmp_path: Path) -> None:
-    sims = ExternalSims(tmp_path / "sims", motor_args=("--turn-time", "0.4"))
+    sims = ExternalSims(tmp_path / "sims", motor_args=("--turn-time", "0.2"))
     try:
         d = cash_daemon(tmp_path, sims)
         d.start()

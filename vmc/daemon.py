@@ -378,6 +378,11 @@ class Daemon:
         )
         self.machine = machine
         self.event_listeners.append(machine.on_device_event)
+        # The devices run since _start_mdb: what they reported before the machine existed
+        # (ready, while the motor board was still being opened) is given to it now.
+        for device in self.devices.values():
+            if device.state is not DeviceState.OFFLINE:
+                machine.on_device_event(StateChanged(device.NAME, device.state, "at start"))
         journal.on_health(lambda ok, reason: machine.set_fault("journal", None if ok else reason))
         if not journal.writable:
             machine.set_fault("journal", journal.health_reason or "journal not writable")
