@@ -52,7 +52,7 @@ from vmc.control import ControlServer
 from vmc.errors import VmcError
 from vmc.journal import Journal, JournalCorrupt
 from vmc.journal.recovery import DeviceFacts, stock_levels
-from vmc.machine import VendMachine
+from vmc.machine import MDB_LINK_FAULT, STOPPING_FAULT, VendMachine
 
 log = structlog.get_logger("vmc.daemon")
 
@@ -80,10 +80,6 @@ PRUNE_INTERVAL_S = 24 * 3600.0
 ACCEPTING_WAIT_S = 5.0
 #: How often that wait looks again (the enable goes out at a device's next POLL turn).
 ACCEPTING_CHECK_S = 0.01
-#: The key of the machine fault while the daemon stops (no money is taken any more).
-STOPPING_FAULT = "stopping"
-#: The key of the machine fault while the MDB link is down.
-MDB_LINK_FAULT = "mdb"
 
 LinkListener = Callable[[bool, str], None]
 

@@ -74,6 +74,16 @@ TICK_S = 0.5
 SUBSCRIBER_QUEUE_MAX = 256
 
 
+#: Faults under which nothing is sold, not even for credit already on the machine: no record
+#: can be made (journal), the bus to the money devices is gone (mdb: a payout could not be
+#: checked), or the daemon is stopping. Other faults (a changer offline) only stop taking money.
+#: The key of the machine fault while the daemon stops (no money is taken any more).
+STOPPING_FAULT = "stopping"
+#: The key of the machine fault while the MDB link is down.
+MDB_LINK_FAULT = "mdb"
+SELLING_FAULTS = frozenset({"journal", MDB_LINK_FAULT, STOPPING_FAULT})
+
+
 class Refusal(VmcError):
     """A customer request the machine turns down, with a code a screen can translate."""
 
@@ -433,7 +443,7 @@ class VendMachine:
         slot = self.slots.get(slot_id)
         if slot is None:
             raise Refusal("unknown_slot", f"no slot {slot_id!r}")
-        if not self.started or "journal" in self.faults.reasons:
+        if not self.started or not SELLING_FAULTS.isdisjoint(self.faults.reasons):
             raise Refusal("out_of_service", "the machine is out of service")
         if self.phase is not Phase.IDLE or self._escrow_intent is not None:
             raise Refusal("busy", "a vend or payout is in progress")

@@ -841,7 +841,8 @@ class CoinChanger(MdbDevice):
 
     async def after_poll(self) -> None:
         # Refresh only after a quiet POLL: a command between a data POLL whose ACK was lost
-        # and its retransmission would hide the retransmission from duplicate detection.
+        # and its retransmission makes some changers report the item again in a different
+        # reply, and the tube count it carries is the only proof of a repeat (``_is_repeat``).
         if self._tubes_stale and self._last_poll_quiet and self._pending is None:
             await self.tube_status()
 
