@@ -733,6 +733,24 @@ class CloudConfig(_Section):
     )
     order_ttl_s: int = field(default=90, metadata=_spec(_Integer(10, 900)))
     command_skew_s: int = field(default=60, metadata=_spec(_Integer(0, 600)))
+    # The link itself (vmc/cloud/link.py, docs/cloud.md). MQTT keepalive: a PINGREQ after this
+    # long without traffic; 240 s stays below the usual 5-minute NAT timeout of mobile carriers
+    # while keeping an idle machine's bytes on a metered SIM low.
+    keepalive_s: int = field(default=240, metadata=_spec(_Integer(2, 1200)))
+    # TCP connect, TLS handshake and CONNACK together; a 4G link can take seconds.
+    connect_timeout_s: float = field(default=15.0, metadata=_spec(_Number(1, 120)))
+    # Reconnect waits grow from 1 s, doubling with jitter, up to this cap.
+    reconnect_max_s: float = field(default=300.0, metadata=_spec(_Number(0.1, 3600)))
+    # How long the broker keeps the session (subscriptions, queued commands) while offline.
+    session_expiry_s: int = field(default=7 * 86400, metadata=_spec(_Integer(0, 30 * 86400)))
+    # Telemetry heartbeat (contract: at least every 15 minutes).
+    heartbeat_s: int = field(default=900, metadata=_spec(_Integer(1, 900)))
+    # Journal batches published but not yet acknowledged by the backend, at most.
+    max_in_flight: int = field(default=4, metadata=_spec(_Integer(1, 64)))
+    # Records per journal batch (contract: 1 to 500).
+    batch_records: int = field(default=500, metadata=_spec(_Integer(1, 500)))
+    # No journal/ack for this long while batches are out: resend from the first unacked seq.
+    ack_timeout_s: float = field(default=60.0, metadata=_spec(_Number(1, 3600)))
 
     def _finish(self, key: str) -> None:
         if not self.tls:

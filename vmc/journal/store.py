@@ -1157,6 +1157,7 @@ class Journal:
         self._opened = opened
         self._clock = clock
         self._listeners: list[HealthListener] = []
+        self._append_listeners: list[Callable[[int], None]] = []
         self._closed = False
 
     # -- life cycle -------------------------------------------------------------------------
@@ -1311,6 +1312,26 @@ class Journal:
 
         return remove
 
+    def on_append(self, callback: Callable[[int], None]) -> Callable[[], None]:
+        """Call ``callback(last_seq)`` on the event loop after each append (or batch) became
+        durable: the cloud sync sends new records at once. Returns an unsubscribe."""
+        self._append_listeners.append(callback)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._append_listeners.remove(callback)
+
+        return remove
+
+    def _appended(self, future: asyncio.Future[int]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        for callback in list(self._append_listeners):
+            try:
+                callback(self._writer.last_seq)
+            except Exception:
+                log.exception("journal append listener failed")
+
     def _notify(self, ok: bool, reason: str) -> None:
         for callback in list(self._listeners):
             try:
@@ -1343,6 +1364,8 @@ class Journal:
             raise JournalClosed("journal is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
+        if self._append_listeners:
+            future.add_done_callback(self._appended)  # also when the caller is cancelled
         self._writer.jobs.put(_AppendJob(items, future))
         # A plain timer instead of wait_for(shield(...)): this is the hot path. Cancelling the
         # caller cancels only this future; the writer still commits what it already took.
