@@ -47,17 +47,18 @@ from drivers.mdb.change import can_pay_all_up_to, plan_change
 from drivers.mdb.coin import CoinDeposited, CoinRoute, CoinsDispensedManually, ReturnLeverPressed
 from drivers.mdb.device import DeviceEvent, DeviceState, StateChanged
 from drivers.motor.base import MotorBoard, MotorOutcome
+from vmc import planogram
 from vmc.cash import BillPort, ChangerPort
-from vmc.config import Config, SlotConfig
+from vmc.config import Config
 from vmc.errors import VmcError
-from vmc.journal import Journal, JournalError
+from vmc.journal import Journal, JournalError, Source
 from vmc.journal.recovery import (
     DeviceFacts,
     customer_credit,
     reconcile_devices,
     resolve_open_intents,
-    stock_levels,
 )
+from vmc.planogram import Slot, SlotChange
 
 log = structlog.get_logger("vmc.machine")
 
@@ -96,35 +97,6 @@ class Phase(enum.Enum):
     IDLE = "idle"
     VENDING = "vending"
     PAYING = "paying"
-
-
-@dataclass
-class Slot:
-    """One lane of the planogram, as sold now."""
-
-    id: str
-    row: int
-    col: int
-    price: int
-    stock: int
-    capacity: int
-    enabled: bool
-    name: str = ""
-
-    @property
-    def sellable(self) -> bool:
-        return self.enabled and self.stock > 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "slot": self.id,
-            "name": self.name,
-            "price": self.price,
-            "stock": self.stock,
-            "capacity": self.capacity,
-            "enabled": self.enabled,
-            "sellable": self.sellable,
-        }
 
 
 class EventHub:
@@ -191,7 +163,7 @@ class VendMachine:
         self.bills = bills
         self.motor = motor
         self._clock = clock
-        self.slots: dict[str, Slot] = {s.id: _slot_from_config(s) for s in config.slots}
+        self.slots: dict[str, Slot] = planogram.slots_from_config(config)
         self.credit = 0
         self.phase = Phase.IDLE
         self.faults = MachineFaults()
@@ -226,6 +198,13 @@ class VendMachine:
     async def cancel(self) -> dict[str, Any]:
         """The customer asks for their money back (the screen's return button)."""
         result: dict[str, Any] = await self.submit(lambda: self._pay_back("refund"))
+        return result
+
+    async def change_slot(self, change: SlotChange, source: Source) -> dict[str, Any]:
+        """A planogram change (a cloud command, the console), made by the actor between two
+        steps of the vend cycle, so it never races a vend; a vend in progress keeps the price
+        its intent carries (vmc/planogram.py)."""
+        result: dict[str, Any] = await self.submit(lambda: self._change_slot(change, source))
         return result
 
     # --- the actor ---------------------------------------------------------------------------
@@ -449,7 +428,7 @@ class VendMachine:
             raise Refusal("busy", "a vend or payout is in progress")
         if self._unsettled is not None:
             raise Refusal("busy", "the last payout is being checked; please wait")
-        if not slot.enabled:
+        if not slot.in_sale:
             raise Refusal("slot_disabled", f"slot {slot_id} is out of sale")
         if slot.stock <= 0:
             raise Refusal("sold_out", f"slot {slot_id} is sold out")
@@ -545,9 +524,23 @@ class VendMachine:
         return False, "no product dropped after two turns"
 
     async def _take_slot_out(self, slot: Slot, why: str) -> None:
-        slot.enabled = False
-        await self.journal.append("slot_changed", {"slot": slot.id, "enabled": False})
+        """Out of sale until a restart or a ``set_slot``: not a planogram change."""
+        slot.taken_out = why
+        await self.journal.append(
+            "slot_changed", {"slot": slot.id, "enabled": False, "reason": why}
+        )
         self._publish("slot", **slot.as_dict(), reason=why)
+
+    async def _change_slot(self, change: SlotChange, source: Source) -> dict[str, Any]:
+        refused = planogram.check_change(self.slots, change)
+        if refused is not None:
+            raise Refusal(*refused)
+        slot = self.slots[change.slot]
+        await self.journal.append_many(planogram.change_records(slot, change), source=source)
+        planogram.apply_change(slot, change)
+        self._publish("slot", **slot.as_dict(), reason=source["kind"])
+        self.update_acceptance()
+        return {"ok": True, **slot.as_dict()}
 
     # --- cash out ----------------------------------------------------------------------------
 
@@ -726,25 +719,18 @@ class VendMachine:
         corrections = await reconcile_devices(self.journal, facts)
         for record in (*resolved, *corrections):
             log.warning("start-up recovery", type=record.type, **record.data)
+        # Price, in-sale flag and stock: the journal's, or the configuration file's where it
+        # was edited since the last start (vmc/planogram.py).
+        await planogram.restore(self.journal, self.config, self.slots)
         credit = customer_credit(await self.journal.counters())
-        stock = stock_levels(await self.journal.levels())
-        for slot in self.slots.values():
-            if slot.id not in stock:
-                # First boot of this slot: the configured stock becomes the journal's.
-                await self.journal.append(
-                    "inventory_changed", {"slot": slot.id, "old": 0, "new": slot.stock}
-                )
-                stock[slot.id] = slot.stock
-        self._restore(credit, stock)
+        self._restore(credit)
 
-    def _restore(self, credit: int, stock: Mapping[str, int]) -> None:
+    def _restore(self, credit: int) -> None:
         self.credit = credit
-        for slot_id, count in stock.items():
-            if slot_id in self.slots:
-                self.slots[slot_id].stock = count
         self.started = True
         self._touch()
-        log.info("vend cycle ready", credit=credit, stock=dict(stock))
+        stock = {s.id: s.stock for s in self.slots.values()}
+        log.info("vend cycle ready", credit=credit, stock=stock)
         self._publish("credit", credit=credit)
         self._publish(
             "service", in_service=self.accepting_money(), faults=dict(self.faults.reasons)
@@ -838,12 +824,6 @@ def _coins_within(
         while kept[coin_type] > 0 and sum(value_of(t) * n for t, n in kept.items()) > limit:
             kept[coin_type] -= 1
     return {t: n for t, n in kept.items() if n > 0}
-
-
-def _slot_from_config(slot: SlotConfig) -> Slot:
-    return Slot(
-        slot.id, slot.row, slot.col, slot.price, slot.stock, slot.capacity, slot.enabled, slot.name
-    )
 
 
 def _new_id() -> str:

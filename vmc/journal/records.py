@@ -67,10 +67,12 @@ class IntentError(RecordInvalid):
 
 
 Source = Mapping[str, str]
-"""Who caused a record: ``{"kind": "local"}``, ``{"kind": "console", "user": ...}`` or
-``{"kind": "remote", "cmd_id": ...}`` (contract: each record names its source)."""
+"""Who caused a record: ``{"kind": "local"}``, ``{"kind": "console", "user": ...}``,
+``{"kind": "remote", "cmd_id": ...}`` or ``{"kind": "config"}`` (an edited configuration file
+applied at start, vmc/planogram.py) (contract: each record names its source)."""
 
 LOCAL: Final[Source] = MappingProxyType({"kind": "local"})
+CONFIG: Final[Source] = MappingProxyType({"kind": "config"})
 
 
 def console_source(user: str) -> Source:
@@ -87,6 +89,7 @@ _SOURCE_FIELDS: Final[dict[str, str | None]] = {
     "local": None,
     "console": "user",
     "remote": "cmd_id",
+    "config": None,
 }
 
 
@@ -94,7 +97,9 @@ def validate_source(source: Mapping[str, object]) -> dict[str, str]:
     """Check a source and return it as a plain dict."""
     kind = source.get("kind")
     if not isinstance(kind, str) or kind not in _SOURCE_FIELDS:
-        raise RecordInvalid("source", "kind", f"expected local, console or remote, found {kind!r}")
+        raise RecordInvalid(
+            "source", "kind", f"expected local, console, remote or config, found {kind!r}"
+        )
     extra = _SOURCE_FIELDS[kind]
     allowed = {"kind"} if extra is None else {"kind", extra}
     unknown = set(source) - allowed
@@ -347,14 +352,31 @@ SCHEMAS: Final[dict[str, _Spec]] = {
     },
     "price_changed": {"slot": (_slot, True), "old": (_money, True), "new": (_money, True)},
     "inventory_changed": {"slot": (_slot, True), "old": (_count, True), "new": (_count, True)},
-    "slot_changed": {"slot": (_slot, True), "enabled": (_boolean, True)},
+    # ``old``: the planogram's enabled flag before (present on every planogram change, which a
+    # restart keeps: vmc/planogram.py); absent on a lane the machine took out of sale by itself
+    # (``reason``: a jammed or missing motor), which a restart puts back. ``capacity``: the
+    # lane's capacity, when the configuration file changed it.
+    "slot_changed": {
+        "slot": (_slot, True),
+        "enabled": (_boolean, True),
+        "old": (_boolean, False),
+        "capacity": (_int_in(1, MAX_COUNT), False),
+        "reason": (_text, False),
+    },
     "device": {
         "device": (_text, True),
         "state": (_one_of("online", "offline", "fault", "recovered"), True),
         "detail": (_text, True),
     },
     "door": {"open": (_boolean, True)},
-    "security": {"what": (_text, True), "detail": (_text, True)},
+    # A rejected cloud command names its result's error code and, when it could be read, its
+    # cmd_id (vmc/cloud/commands.py).
+    "security": {
+        "what": (_text, True),
+        "detail": (_text, True),
+        "code": (_text, False),
+        "cmd_id": (_ident, False),
+    },
     "recovery": {"intent_id": (_ident, True), "resolution": (_text, True), "detail": (_text, True)},
 }
 
@@ -549,7 +571,9 @@ def counter_deltas(record: Record) -> dict[str, int]:
 def level_deltas(record: Record) -> dict[str, int]:
     """What ``record`` changes in the device levels: coins per tube (``tubes.<type>.count``),
     bills in the stacker (``stacker.count``) and products per slot (``stock.<slot>.count``).
-    Levels go up and down; they are what the devices should report if nothing went unrecorded."""
+    Levels go up and down; they are what the devices should report if nothing went unrecorded.
+    The planogram is kept as levels too, so that it survives restarts and pruning atomically
+    with its records: ``price.<slot>.value`` and ``disabled.<slot>.flag`` (vmc/planogram.py)."""
     data = record.data
     deltas: dict[str, int] = {}
     match record.type:
@@ -565,12 +589,29 @@ def level_deltas(record: Record) -> dict[str, int]:
             _add(deltas, f"stock.{data['slot']}.count", -1)
         case "inventory_changed":
             _add(deltas, f"stock.{data['slot']}.count", data["new"] - data["old"])
+        case "price_changed":
+            _add(deltas, price_level_name(data["slot"]), data["new"] - data["old"])
+        case "slot_changed":
+            if "old" in data:  # a planogram change (a machine's own take-out is not one)
+                flag = int(data["old"]) - int(data["enabled"])
+                _add(deltas, disabled_level_name(data["slot"]), flag)
         case "correction":
             if LEVEL_FIELD_RE.fullmatch(data["field"]):
                 _add(deltas, data["field"], data["found"] - data["expected"])
         case _:
             pass
     return deltas
+
+
+def price_level_name(slot: str) -> str:
+    """The level holding a slot's current price (``price_changed`` moves it by new - old)."""
+    return f"price.{slot}.value"
+
+
+def disabled_level_name(slot: str) -> str:
+    """The level that is 1 while a slot is out of sale by the planogram, 0 (or absent) when in
+    sale (``slot_changed`` with ``old`` moves it)."""
+    return f"disabled.{slot}.flag"
 
 
 def merge_deltas(into: dict[str, int], deltas: Mapping[str, int]) -> None:
