@@ -725,8 +725,12 @@ class VendMachine:
         credit = customer_credit(await self.journal.counters())
         self._restore(credit)
 
-    def _restore(self, credit: int) -> None:
+    def _restore(self, credit: int, stock: Mapping[str, int] | None = None) -> None:
+        """Take up ``credit`` (and ``stock``, when given: tests that skip recovery)."""
         self.credit = credit
+        for slot_id, count in (stock or {}).items():
+            if slot_id in self.slots:
+                self.slots[slot_id].stock = count
         self.started = True
         self._touch()
         stock = {s.id: s.stock for s in self.slots.values()}
