@@ -1,38 +1,26 @@
-"""The vend cycle: credit, selection, vend, drop check, change or refund.
+"""The vend cycle: select → authorise → vend → drop check → settle or refund.
 
-One actor task owns the machine's money state. Device events (coins, bills, the return lever,
-device states), customer requests (select, cancel) and timers all enter through one queue and
-are handled one at a time, so credit is never changed by two things at once. Every money
-movement is journaled before the machine acts on it (an intent) and after (the outcome):
+One actor task owns the machine's state. Device events (coins, bills, the return lever, device
+states), customer requests (select, cancel, a QR order), signed commands (a QR vend, planogram
+changes) and timers all enter through one queue and are handled one at a time, so credit, stock
+and orders are never changed by two things at once.
 
-* a coin reported by the changer: ``cash_in`` (the changer took it before we could record it;
-  start-up reconciles tube counts against the journal for exactly this window);
-* a bill in escrow: ``escrow_decision`` before ESCROW, then ``cash_in`` (stacked) or
-  ``escrow_returned``;
-* a selection: ``vend_intent`` before the motor turns, then ``sale`` or ``vend_failed``;
-* change or a refund: ``payout_intent`` before the first DISPENSE, a ``cash_out`` per coin type
-  paid, the last one ``final``.
+A sale is the same few steps whatever pays for it (``vend_cycle``): the slot is checked, the
+payment method authorises it (vmc/payments/: cash from the customer's credit, QR from a paid
+e-wallet order; a card reader next), ``vend_intent`` is durable before the motor turns, the
+motor turns once, the drop sensor is watched, one more turn if nothing dropped; then ``sale`` and
+the payment is settled (cash pays the change), or ``vend_failed`` and the payment is refunded
+its way (cash keeps the credit, QR journals a ``refund`` for the backend). A jammed or missing
+motor takes the slot out of sale.
 
-Policies (documented for operators in docs/vend-cycle.md):
-* a bill is stacked only if, with it, some sellable item can be bought and its change paid, and
-  the credit stays within ``vend.max_credit``; otherwise it is returned;
-* a selection needs enough credit, stock, an enabled slot, and exact change for the rest;
-* a vend is one turn, the drop sensor, one more turn if nothing dropped, then failure: the
-  credit stays for another choice or the return button; a jammed or missing motor takes the
-  slot out of sale;
-* change is planned exactly from the tube contents (``drivers.mdb.change.plan_change``), never
-  greedily; if a tube runs short mid-payout the rest is planned again from what is left, and
-  what cannot be paid stays as credit on the display, journaled;
-* credit timeout: after ``vend.credit_timeout_s`` without customer activity the credit is paid
-  back as if the return lever had been pressed (0 disables it). Credit that cannot be paid back
-  exactly stays as credit.
+The cash method (vmc/payments/cash.py) holds the credit and every coin and bill; its policies
+are documented there and for operators in docs/vend-cycle.md and docs/payments.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -43,32 +31,40 @@ import structlog
 
 from drivers.errors import MdbError, MotorError
 from drivers.mdb.bill import BillInEscrow, BillReturned, BillStacked
-from drivers.mdb.change import can_pay_all_up_to, plan_change
 from drivers.mdb.coin import CoinDeposited, CoinRoute, CoinsDispensedManually, ReturnLeverPressed
 from drivers.mdb.device import DeviceEvent, DeviceState, StateChanged
 from drivers.motor.base import MotorBoard, MotorOutcome
 from vmc import planogram
 from vmc.cash import BillPort, ChangerPort
 from vmc.config import Config
-from vmc.errors import VmcError
 from vmc.journal import Journal, JournalError, Source
 from vmc.journal.recovery import (
     DeviceFacts,
     customer_credit,
+    expire_open_orders,
     reconcile_devices,
     resolve_open_intents,
 )
+from vmc.payments.base import Authoriser, Payment, PaymentMethod, Phase, Refusal
+from vmc.payments.cash import CashPayments
 from vmc.planogram import Slot, SlotChange
+
+__all__ = [
+    "MDB_LINK_FAULT",
+    "SELLING_FAULTS",
+    "STOPPING_FAULT",
+    "EventHub",
+    "MachineFaults",
+    "Phase",
+    "Refusal",
+    "VendMachine",
+]
 
 log = structlog.get_logger("vmc.machine")
 
-#: Rounds of planning a payout again after a tube paid short.
-MAX_PAYOUT_ROUNDS = 4
-#: How long one settlement attempt waits for the changer to report a pending payout's end.
-SETTLE_WAIT_S = 2.0
 #: How often a motor board that failed is pinged to see whether it is back.
 MOTOR_RECHECK_S = 5.0
-#: How often the actor wakes without events, to check the credit timeout.
+#: How often the actor wakes without events, to check the credit timeout and orders' expiry.
 TICK_S = 0.5
 #: Bound of the subscriber queue of one control-interface client; a slow client loses events
 #: (it can always ask for the full state) rather than slowing the machine down.
@@ -83,20 +79,6 @@ STOPPING_FAULT = "stopping"
 #: The key of the machine fault while the MDB link is down.
 MDB_LINK_FAULT = "mdb"
 SELLING_FAULTS = frozenset({"journal", MDB_LINK_FAULT, STOPPING_FAULT})
-
-
-class Refusal(VmcError):
-    """A customer request the machine turns down, with a code a screen can translate."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class Phase(enum.Enum):
-    IDLE = "idle"
-    VENDING = "vending"
-    PAYING = "paying"
 
 
 class EventHub:
@@ -145,7 +127,7 @@ class MachineFaults:
 
 
 class VendMachine:
-    """The cash vend cycle. ``run()`` is its actor task."""
+    """The vend cycle. ``run()`` is its actor task."""
 
     def __init__(
         self,
@@ -159,24 +141,55 @@ class VendMachine:
     ) -> None:
         self.config = config
         self.journal = journal
-        self.changer = changer
-        self.bills = bills
         self.motor = motor
         self._clock = clock
         self.slots: dict[str, Slot] = planogram.slots_from_config(config)
-        self.credit = 0
         self.phase = Phase.IDLE
         self.faults = MachineFaults()
         self.hub = EventHub()
         self.started = False
+        #: The cash payment method: the customer's credit, coins, bills, change.
+        self.cash = CashPayments(self, changer, bills)
+        #: Other payment methods (``attach``): name → method (``qr``).
+        self.methods: dict[str, PaymentMethod] = {}
+        #: Customer sessions of other methods in progress (a QR order shown): method → what.
+        #: While one is open the acceptors are off and a cash selection waits.
+        self.sessions: dict[str, str] = {}
         self._jobs: asyncio.Queue[_Job] = asyncio.Queue()
         self._last_activity = clock()
-        self._escrow_intent: tuple[str, int, int] | None = None  # (intent_id, bill_type, value)
         self._devices_down: set[str] = set()
-        self._unsettled: _OpenPayout | None = None  # a payout whose outcome is not known yet
-        self._open_payout: _OpenPayout | None = None  # the payout being paid now
         self.device_states: dict[str, str] = {}
         self._next_motor_check = 0.0
+
+    # --- what the cash method holds, as the machine shows it ---------------------------------
+
+    @property
+    def changer(self) -> ChangerPort | None:
+        return self.cash.changer
+
+    @property
+    def bills(self) -> BillPort | None:
+        return self.cash.bills
+
+    @property
+    def credit(self) -> int:
+        """The customer's cash credit (minor units)."""
+        return self.cash.credit
+
+    @property
+    def _escrow_intent(self) -> tuple[str, int, int] | None:
+        return self.cash.escrow_intent
+
+    def exact_change_only(self) -> bool:
+        return self.cash.exact_change_only()
+
+    def can_pay(self, amount: int) -> bool:
+        return self.cash.can_pay(amount)
+
+    def attach(self, method: PaymentMethod) -> None:
+        """Add a payment method beside cash (its ``tick`` runs from the actor, its
+        ``snapshot`` is in STATE under its name)."""
+        self.methods[method.name] = method
 
     # --- inputs ------------------------------------------------------------------------------
 
@@ -192,12 +205,12 @@ class VendMachine:
 
     async def select(self, slot_id: str) -> dict[str, Any]:
         """A customer's selection: vend it for cash credit, or say why not."""
-        result: dict[str, Any] = await self.submit(lambda: self._select(slot_id))
+        result: dict[str, Any] = await self.submit(lambda: self.vend_cycle(slot_id, self.cash))
         return result
 
     async def cancel(self) -> dict[str, Any]:
         """The customer asks for their money back (the screen's return button)."""
-        result: dict[str, Any] = await self.submit(lambda: self._pay_back("refund"))
+        result: dict[str, Any] = await self.submit(lambda: self.cash.pay_back("refund"))
         return result
 
     async def change_slot(self, change: SlotChange, source: Source) -> dict[str, Any]:
@@ -206,6 +219,10 @@ class VendMachine:
         its intent carries (vmc/planogram.py)."""
         result: dict[str, Any] = await self.submit(lambda: self._change_slot(change, source))
         return result
+
+    async def coin_in(self, coin_type: int, value: int, route: str) -> None:
+        """A coin the changer took (run by the actor)."""
+        await self.cash.coin_in(coin_type, value, route)
 
     # --- the actor ---------------------------------------------------------------------------
 
@@ -238,30 +255,33 @@ class VendMachine:
                 job.done.set_result(result)
 
     async def _tick(self) -> None:
-        if self._unsettled is not None:
-            await self._settle_payout()
         if "motor" in self.faults.reasons and self.motor is not None:
             now = self._clock()
             if now >= self._next_motor_check:
                 self._next_motor_check = now + MOTOR_RECHECK_S
                 if await self.motor.ping():
                     self.set_fault("motor", None)
-        timeout = self.config.vend.credit_timeout_s
-        if (
-            timeout
-            and self.credit > 0
-            and self.phase is Phase.IDLE
-            and self._escrow_intent is None
-            and self._clock() - self._last_activity > timeout
-        ):
-            log.info("credit timeout: paying the credit back", credit=self.credit)
-            await self._pay_back("refund")
-            self._last_activity = self._clock()
+        await self.cash.tick(self._clock() - self._last_activity)
+        for method in list(self.methods.values()):
+            await method.tick()
+
+    async def absorb_device_events(self) -> None:
+        """Run the device events already queued for the actor (coins reported while it was
+        busy) now, ahead of customer work, which keeps its order."""
+        others: list[_Job] = []
+        while not self._jobs.empty():
+            job = self._jobs.get_nowait()
+            if job.done is None:  # a device event: nobody awaits it
+                await job.work()
+            else:
+                others.append(job)
+        for job in others:
+            self._jobs.put_nowait(job)
 
     # --- state for the screen and telemetry --------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        return {
+        state = {
             "credit": self.credit,
             "currency": self.config.machine.currency,
             "decimal_places": self.config.machine.decimal_places,
@@ -271,57 +291,48 @@ class VendMachine:
             "exact_change_only": self.exact_change_only(),
             "max_credit": self.config.vend.max_credit,
             "devices": dict(self.device_states),
-            "accepting": {
-                name: port.accepting
-                for name, port in (("coin", self.changer), ("bill", self.bills))
-                if port is not None
-            },
+            "accepting": self.cash.accepting(),
             "slots": [s.as_dict() for s in self.slots.values()],
         }
+        for name, method in self.methods.items():
+            state[name] = dict(method.snapshot())
+        return state
 
-    def _publish(self, event: str, **fields: Any) -> None:
+    def publish(self, event: str, **fields: Any) -> None:
         self.hub.publish({"event": event, **fields})
 
-    def _touch(self) -> None:
+    def touch(self) -> None:
+        """Customer activity now (restarts the credit timeout)."""
         self._last_activity = self._clock()
 
-    # --- money state -------------------------------------------------------------------------
+    # --- service state -----------------------------------------------------------------------
 
     def accepting_money(self) -> bool:
         return self.started and not self.faults.reasons
 
-    def exact_change_only(self) -> bool:
-        """True when the tubes cannot pay every amount of change a sale could need: any amount
-        up to ``max_credit`` less the cheapest sellable price."""
-        if self.changer is None or not self.changer.ready:
-            return True
-        sellable = [s.price for s in self.slots.values() if s.sellable]
-        if not sellable:
-            return False
-        limit = max(0, self.config.vend.max_credit - min(sellable))
-        return not can_pay_all_up_to(limit, self.changer.tube_inventory())
-
-    def can_pay(self, amount: int) -> bool:
-        if amount == 0:
-            return True
-        if self.changer is None or not self.changer.ready:
-            return False
-        return plan_change(amount, self.changer.tube_inventory()) is not None
-
-    def _sale_possible_with(self, credit: int) -> bool:
-        return any(
-            s.sellable and s.price <= credit and self.can_pay(credit - s.price)
-            for s in self.slots.values()
+    def idle(self) -> bool:
+        """Nobody is using the machine: no credit, no bill being decided, no payout to settle,
+        no vend, no session of another method (a QR order shown)."""
+        return (
+            self.phase is Phase.IDLE
+            and self.credit == 0
+            and not self.cash.busy
+            and not self.sessions
         )
 
     def update_acceptance(self) -> None:
         """Enable the acceptors exactly when the machine may take money now."""
-        idle = self.phase is Phase.IDLE and self._escrow_intent is None
-        may_take = self.accepting_money() and idle and self.credit < self.config.vend.max_credit
-        if self.changer is not None:
-            self.changer.set_accepting(may_take)
-        if self.bills is not None:
-            self.bills.set_accepting(may_take and self.config.vend.accept_bills)
+        self.cash.set_accepting(
+            self.accepting_money() and self.phase is Phase.IDLE and not self.sessions
+        )
+
+    def set_session(self, method: str, what: str | None) -> None:
+        """A session of ``method`` begins (``what``) or ends (None)."""
+        if what is None:
+            self.sessions.pop(method, None)
+        else:
+            self.sessions[method] = what
+        self.update_acceptance()
 
     def set_fault(self, key: str, reason: str | None) -> None:
         """A reason to stop taking money appears (text) or goes away (None)."""
@@ -329,104 +340,28 @@ class VendMachine:
             log.warning(
                 "machine fault" if reason else "machine fault cleared", key=key, reason=reason or ""
             )
-            self._publish(
+            self.publish(
                 "service", in_service=self.accepting_money(), faults=dict(self.faults.reasons)
             )
         self.update_acceptance()
 
-    def _set_credit(self, credit: int) -> None:
-        if credit < 0:
-            # Never below zero: the customer cannot owe the machine. A ledger that says so has
-            # counted money out that did not leave (or missed money in): reconciliation of the
-            # device counters settles the difference.
-            log.error("credit would go below zero; kept at zero", credit=credit)
-            credit = 0
-        if credit != self.credit:
-            self.credit = credit
-            self._publish("credit", credit=credit)
-
-    def _set_phase(self, phase: Phase) -> None:
+    def set_phase(self, phase: Phase) -> None:
         self.phase = phase
-        self._publish("phase", phase=phase.value)
+        self.publish("phase", phase=phase.value)
         self.update_acceptance()
 
-    # --- cash in -----------------------------------------------------------------------------
-
-    async def coin_in(self, coin_type: int, value: int, route: str) -> None:
-        """A coin the changer took (it is already in a tube or the cashbox)."""
-        await self.journal.append(
-            "cash_in",
-            {"amount": value, "device": "coin", "route": route, "coin_type": coin_type},
-        )
-        self._touch()
-        self._set_credit(self.credit + value)
-        self._publish("cash_in", device="coin", amount=value, route=route)
-        self.update_acceptance()
-
-    async def bill_in_escrow(self, bill_type: int, value: int) -> None:
-        """Decide, journal the decision, then tell the validator to stack or return."""
-        self._touch()
-        with_bill = self.credit + value
-        stack = (
-            self.accepting_money()
-            and self.phase is Phase.IDLE
-            and with_bill <= self.config.vend.max_credit
-            and self._sale_possible_with(with_bill)
-        )
-        intent_id = _new_id()
-        await self.journal.append(
-            "escrow_decision",
-            {
-                "intent_id": intent_id,
-                "bill_type": bill_type,
-                "amount": value,
-                "decision": "stack" if stack else "return",
-            },
-        )
-        # Kept until the validator reports the bill stacked or returned (a jam can take a
-        # technician); start-up recovery settles it from the stacker count after a crash.
-        self._escrow_intent = (intent_id, bill_type, value)
-        self.update_acceptance()
-        self._publish("escrow", amount=value, decision="stack" if stack else "return")
-        assert self.bills is not None
-        await self.bills.escrow(stack)
-
-    async def bill_stacked(self, bill_type: int, value: int) -> None:
-        pending = self._escrow_intent
-        data: dict[str, Any] = {
-            "amount": value,
-            "device": "bill",
-            "route": "stacker",
-            "bill_type": bill_type,
-        }
-        if pending is not None and pending[1] == bill_type:
-            data["intent_id"] = pending[0]
-        await self.journal.append("cash_in", data)
-        self._escrow_intent = None
-        self._touch()
-        self._set_credit(self.credit + value)
-        self._publish("cash_in", device="bill", amount=value, route="stacker")
-        self.update_acceptance()
-
-    async def bill_returned(self, bill_type: int) -> None:
-        pending = self._escrow_intent
-        if pending is not None and pending[1] == bill_type:
-            await self.journal.append("escrow_returned", {"intent_id": pending[0]})
-            self._escrow_intent = None
-            self._publish("bill_returned", amount=pending[2])
-        self.update_acceptance()
-
-    # --- selection and vend ------------------------------------------------------------------
+    # --- the vend cycle ----------------------------------------------------------------------
 
     def check_selection(self, slot_id: str) -> Slot:
+        """Whether ``slot_id`` can be vended now, whatever pays for it."""
         slot = self.slots.get(slot_id)
         if slot is None:
             raise Refusal("unknown_slot", f"no slot {slot_id!r}")
         if not self.started or not SELLING_FAULTS.isdisjoint(self.faults.reasons):
             raise Refusal("out_of_service", "the machine is out of service")
-        if self.phase is not Phase.IDLE or self._escrow_intent is not None:
+        if self.phase is not Phase.IDLE or self.cash.escrow_intent is not None:
             raise Refusal("busy", "a vend or payout is in progress")
-        if self._unsettled is not None:
+        if self.cash.unsettled is not None:
             raise Refusal("busy", "the last payout is being checked; please wait")
         if not slot.in_sale:
             raise Refusal("slot_disabled", f"slot {slot_id} is out of sale")
@@ -434,71 +369,52 @@ class VendMachine:
             raise Refusal("sold_out", f"slot {slot_id} is sold out")
         if self.motor is None or "motor" in self.faults.reasons:
             raise Refusal("out_of_service", "the dispenser is out of service")
-        if self.credit < slot.price:
-            raise Refusal("insufficient_credit", f"insert {slot.price - self.credit} more")
-        if not self.can_pay(self.credit - slot.price):
-            raise Refusal("no_change", "change cannot be paid: use exact money or choose again")
         return slot
 
-    async def _select(self, slot_id: str) -> dict[str, Any]:
-        self._touch()
+    async def vend_cycle(self, slot_id: str, method: Authoriser) -> dict[str, Any]:
+        """Sell one product of ``slot_id``, paid by ``method``: check, authorise, vend, drop
+        check, then settle or refund. Runs inside the actor (a job, or a method's job)."""
+        self.touch()
         slot = self.check_selection(slot_id)
-        if self.credit > slot.price and self.changer is not None and self.changer.ready:
-            # Decide on the tubes as they are now, not as the last deposit left them.
-            await self.changer.refresh_tubes()
-            slot = self.check_selection(slot_id)
+        payment = await method.authorise(slot)
+        price = payment.price  # a price change from now on waits for this vend
         intent_id = _new_id()
-        price = slot.price
-        await self.journal.append(
-            "vend_intent",
-            {"intent_id": intent_id, "slot": slot.id, "price": price, "method": "cash"},
-        )
-        self._set_phase(Phase.VENDING)
-        self._publish("vend_started", slot=slot.id, price=price)
+        about: dict[str, Any] = {"intent_id": intent_id, "slot": slot.id, "price": price}
+        about.update(method=payment.method, **payment.refs)
+        await self.journal.append("vend_intent", about, source=payment.source)
+        self.set_phase(Phase.VENDING)
+        self.publish("vend_started", slot=slot.id, price=price)
         try:
-            return await self._vend(slot, intent_id, price)
+            dropped, reason = await self._dispense_product(slot)
+            if dropped:
+                return await self._settle(slot, payment, about)
+            return await self._refund(slot, payment, about, reason)
         finally:
             # Also when a step failed (journal, bug) or the daemon is stopping: the machine must
-            # not stay "busy". An intent left open is resolved by start-up recovery (credit kept,
-            # never a second vend).
+            # not stay "busy". An intent left open is resolved by start-up recovery (credit kept
+            # or a refund record, never a second vend).
             if self.phase is not Phase.IDLE:
-                self._set_phase(Phase.IDLE)
+                self.set_phase(Phase.IDLE)
 
-    async def _vend(self, slot: Slot, intent_id: str, price: int) -> dict[str, Any]:
-        dropped, reason = await self._dispense_product(slot)
-        if not dropped:
-            await self.journal.append(
-                "vend_failed",
-                {
-                    "intent_id": intent_id,
-                    "slot": slot.id,
-                    "price": price,
-                    "method": "cash",
-                    "reason": reason,
-                },
-            )
-            self._publish("vend_failed", slot=slot.id, reason=reason, credit=self.credit)
-            return {"ok": False, "error": "vend_failed", "message": reason, "credit": self.credit}
-        change = self.credit - price
-        await self.journal.append(
-            "sale",
-            {
-                "intent_id": intent_id,
-                "slot": slot.id,
-                "price": price,
-                "method": "cash",
-                "paid": price,
-                "change": change,
-            },
-        )
+    async def _settle(self, slot: Slot, payment: Payment, about: dict[str, Any]) -> dict[str, Any]:
+        fields = payment.sale_fields()
+        await self.journal.append("sale", {**about, **fields}, source=payment.source)
         slot.stock -= 1
-        self._set_credit(change)
-        self._publish("sale", slot=slot.id, price=price, change=change, stock=slot.stock)
-        paid = 0
-        if change:
-            self._set_phase(Phase.PAYING)
-            paid = await self._payout(change, "change")
-        return {"ok": True, "slot": slot.id, "price": price, "change": paid, "credit": self.credit}
+        price = about["price"]
+        change = fields.get("change", 0)
+        self.publish("sale", slot=slot.id, price=price, change=change, stock=slot.stock)
+        answer = await payment.settle()
+        return {"ok": True, "slot": slot.id, "price": price, **answer}
+
+    async def _refund(
+        self, slot: Slot, payment: Payment, about: dict[str, Any], reason: str
+    ) -> dict[str, Any]:
+        records = [("vend_failed", {**about, "reason": reason})]
+        records += payment.refund_records(about["intent_id"], reason)
+        await self.journal.append_many(records, source=payment.source)
+        answer = await payment.refund(reason)
+        self.publish("vend_failed", slot=slot.id, reason=reason, credit=self.credit)
+        return {"ok": False, "error": "vend_failed", "message": reason, **answer}
 
     async def _dispense_product(self, slot: Slot) -> tuple[bool, str]:
         """One turn, the drop sensor, one more turn if nothing dropped. (dropped, reason)."""
@@ -529,7 +445,7 @@ class VendMachine:
         await self.journal.append(
             "slot_changed", {"slot": slot.id, "enabled": False, "reason": why}
         )
-        self._publish("slot", **slot.as_dict(), reason=why)
+        self.publish("slot", **slot.as_dict(), reason=why)
 
     async def _change_slot(self, change: SlotChange, source: Source) -> dict[str, Any]:
         refused = planogram.check_change(self.slots, change)
@@ -538,186 +454,23 @@ class VendMachine:
         slot = self.slots[change.slot]
         await self.journal.append_many(planogram.change_records(slot, change), source=source)
         planogram.apply_change(slot, change)
-        self._publish("slot", **slot.as_dict(), reason=source["kind"])
+        self.publish("slot", **slot.as_dict(), reason=source["kind"])
         self.update_acceptance()
         return {"ok": True, **slot.as_dict()}
-
-    # --- cash out ----------------------------------------------------------------------------
-
-    async def _pay_back(self, reason: str) -> dict[str, Any]:
-        self._touch()
-        if self.phase is not Phase.IDLE or self._unsettled is not None:
-            raise Refusal("busy", "a vend or payout is in progress")
-        self._set_phase(Phase.PAYING)
-        try:
-            if self.changer is not None and self.changer.ready:
-                # Coins the changer took before acceptance went off are reported now; credit
-                # them first, so the customer gets back everything they put in.
-                await self.changer.stop_accepting()
-                await self._absorb_device_events()
-            if self.credit == 0:
-                return {"ok": True, "paid": 0, "credit": 0}
-            paid = await self._payout(self.credit, reason)
-        finally:
-            self._set_phase(Phase.IDLE)
-        return {"ok": paid > 0 or self.credit == 0, "paid": paid, "credit": self.credit}
-
-    async def _absorb_device_events(self) -> None:
-        """Run the device events already queued for the actor (coins reported while it was
-        busy) now, ahead of customer work, which keeps its order."""
-        others: list[_Job] = []
-        while not self._jobs.empty():
-            job = self._jobs.get_nowait()
-            if job.done is None:  # a device event: nobody awaits it
-                await job.work()
-            else:
-                others.append(job)
-        for job in others:
-            self._jobs.put_nowait(job)
-
-    async def _payout(self, amount: int, reason: str) -> int:
-        """Pay ``amount`` of the customer's credit in coins; return what was paid.
-
-        What cannot be paid stays as credit. If the changer cannot say what a DISPENSE paid
-        (it went away, or never reported the end), the payout stays open as ``_unsettled``:
-        money is neither taken nor sold against until the changer's own report or tube counts
-        settle it (``_settle_payout``)."""
-        changer = self.changer
-        if changer is None or not changer.ready:
-            self._publish("payout_short", wanted=amount, paid=0, credit=self.credit)
-            return 0
-        # Acceptance off on the wire first, then the tube counts: a coin that entered a tube
-        # during the payout would hide a coin that left it from a recovery that has only the
-        # counts to go by. With the counts in the intent, recovery measures the payout alone;
-        # coins that went in before (and whose report a crash lost) show up as a surplus.
-        await changer.stop_accepting()
-        tubes = {str(t): n for t, n in (await changer.tube_counts_now()).items()}
-        intent_id = _new_id()
-        await self.journal.append(
-            "payout_intent",
-            {"intent_id": intent_id, "amount": amount, "reason": reason, "tubes": tubes},
-        )
-        self._publish("payout_started", amount=amount, reason=reason)
-        self._open_payout = _OpenPayout(intent_id, reason, amount)
-        paid_coins: dict[int, int] = {}
-        paid_total = 0
-        try:
-            # Each round plans what is still owed from the tubes as they are now; a tube that
-            # ran short mid-payout is read again and the rest planned from what is left.
-            for round_ in range(MAX_PAYOUT_ROUNDS):
-                if paid_total >= amount:
-                    break
-                if round_:
-                    await changer.refresh_tubes()
-                plan = plan_change(amount - paid_total, changer.tube_inventory())
-                if plan is None:
-                    break
-                short = False
-                for coin_type, count in sorted(plan.items(), key=lambda kv: -kv[1]):
-                    got = await changer.dispense(coin_type, count)
-                    paid_total += await self._record_paid({coin_type: got})
-                    paid_coins[coin_type] = paid_coins.get(coin_type, 0) + got
-                    if got < count:
-                        short = True
-                        break
-                if not short:
-                    break
-        except MdbError as exc:
-            paid_total += await self._record_paid(getattr(exc, "paid", {}))
-            self._unsettled, self._open_payout = self._open_payout, None
-            self.set_fault("coin", f"payout outcome unknown: {exc}")
-            self._set_credit(self.credit - paid_total)
-            log.error(
-                "payout outcome unknown; settling when the changer reports",
-                intent_id=intent_id,
-                paid_so_far=paid_total,
-                error=str(exc),
-            )
-            return paid_total
-        await self.journal.append(
-            "cash_out",
-            {"intent_id": intent_id, "amount": 0, "reason": reason, "coins": {}, "final": True},
-        )
-        self._open_payout = None
-        self._set_credit(self.credit - paid_total)
-        self._publish(
-            "payout_done",
-            wanted=amount,
-            paid=paid_total,
-            credit=self.credit,
-            coins={str(k): v for k, v in paid_coins.items()},
-        )
-        if paid_total < amount:
-            log.warning("payout short", wanted=amount, paid=paid_total, credit=self.credit)
-        return paid_total
-
-    async def _record_paid(self, coins: Mapping[int, int], final: bool = False) -> int:
-        """Journal coins that left the tubes for the open payout; return their value.
-
-        A payout never records more than its intent's amount: coins counted beyond it are a
-        miscount (or a changer paying more than asked), not the customer's money. They are
-        logged as a fault and left to the reconciliation of the tube counts."""
-        assert self.changer is not None
-        payout = self._open_payout or self._unsettled
-        assert payout is not None, "coins recorded outside a payout"
-        paid = {t: n for t, n in coins.items() if n > 0}
-        value = sum(n * self.changer.coin_value(t) for t, n in paid.items())
-        room = payout.amount - payout.recorded
-        if value > room:
-            kept = _coins_within(paid, room, self.changer.coin_value)
-            log.error(
-                "payout counted more than its intent; recording what fits",
-                intent_id=payout.intent_id,
-                intent_amount=payout.amount,
-                recorded=payout.recorded,
-                counted={str(t): n for t, n in paid.items()},
-                recording={str(t): n for t, n in kept.items()},
-            )
-            paid = kept
-            value = sum(n * self.changer.coin_value(t) for t, n in paid.items())
-        payout.recorded += value
-        if paid or final:
-            data: dict[str, Any] = {
-                "intent_id": payout.intent_id,
-                "amount": value,
-                "reason": payout.reason,
-                "coins": {str(t): n for t, n in paid.items()},
-            }
-            if final:
-                data["final"] = True
-            await self.journal.append("cash_out", data)
-        return value
-
-    async def _settle_payout(self) -> None:
-        """Close a payout whose outcome was unknown, from the changer's report or tube counts."""
-        if self._unsettled is None or self.changer is None or not self.changer.ready:
-            return
-        coins = await self.changer.settle_pending(SETTLE_WAIT_S)
-        if coins is None:
-            return  # still not known: try again at the next tick
-        intent_id = self._unsettled.intent_id
-        value = await self._record_paid(coins, final=True)
-        self._unsettled = None
-        self._set_credit(self.credit - value)
-        log.warning("payout settled", intent_id=intent_id, paid=value, credit=self.credit)
-        self._publish(
-            "payout_done",
-            wanted=value,
-            paid=value,
-            credit=self.credit,
-            coins={str(k): v for k, v in coins.items()},
-        )
-        self.set_fault("coin", None)
 
     # --- start-up ----------------------------------------------------------------------------
 
     async def recover(self, facts: DeviceFacts) -> None:
-        """Start-up: resolve what a crash left open, reconcile the devices' own counters with
+        """Start-up: resolve what a crash left open (an interrupted vend is never retried; a QR
+        order shown before the restart is expired), reconcile the devices' own counters with
         the journal, then take credit and stock from the journal (the single source of truth).
         Runs once, before the acceptors are enabled."""
-        resolved = await resolve_open_intents(self.journal, facts)
+        resolved = await resolve_open_intents(
+            self.journal, facts, currency=self.config.machine.currency
+        )
+        expired = await expire_open_orders(self.journal)
         corrections = await reconcile_devices(self.journal, facts)
-        for record in (*resolved, *corrections):
+        for record in (*resolved, *expired, *corrections):
             log.warning("start-up recovery", type=record.type, **record.data)
         # Price, in-sale flag and stock: the journal's, or the configuration file's where it
         # was edited since the last start (vmc/planogram.py).
@@ -727,61 +480,50 @@ class VendMachine:
 
     def _restore(self, credit: int, stock: Mapping[str, int] | None = None) -> None:
         """Take up ``credit`` (and ``stock``, when given: tests that skip recovery)."""
-        self.credit = credit
+        self.cash.credit = credit
         for slot_id, count in (stock or {}).items():
             if slot_id in self.slots:
                 self.slots[slot_id].stock = count
         self.started = True
-        self._touch()
+        self.touch()
         stock = {s.id: s.stock for s in self.slots.values()}
         log.info("vend cycle ready", credit=credit, stock=stock)
-        self._publish("credit", credit=credit)
-        self._publish(
-            "service", in_service=self.accepting_money(), faults=dict(self.faults.reasons)
-        )
+        self.publish("credit", credit=credit)
+        self.publish("service", in_service=self.accepting_money(), faults=dict(self.faults.reasons))
         self.update_acceptance()
 
     # --- device events -----------------------------------------------------------------------
 
     def on_device_event(self, event: DeviceEvent) -> None:
         """Called by the devices (synchronously, on the loop): queue the event for the actor."""
+        cash = self.cash
         if isinstance(event, CoinDeposited):
             if event.credited and not event.token and event.value > 0:
                 route = "tubes" if event.route is CoinRoute.TUBES else "cashbox"
                 ct, value = event.coin_type, event.value
-                self.post(lambda: self.coin_in(ct, value, route))
+                self.post(lambda: cash.coin_in(ct, value, route))
         elif isinstance(event, ReturnLeverPressed):
-            self.post(self._lever)
+            self.post(lambda: cash.pay_back("lever"))
         elif isinstance(event, CoinsDispensedManually):
             ev = event
-            self.post(lambda: self._manual_dispense(ev.coin_type, ev.count, ev.value))
+            self.post(lambda: cash.manual_dispense(ev.coin_type, ev.count, ev.value))
         elif isinstance(event, BillInEscrow):
             bt, value = event.bill_type, event.value
-            self.post(lambda: self.bill_in_escrow(bt, value))
+            self.post(lambda: cash.bill_in_escrow(bt, value))
         elif isinstance(event, BillStacked):
             bt, value = event.bill_type, event.value
-            self.post(lambda: self.bill_stacked(bt, value))
+            self.post(lambda: cash.bill_stacked(bt, value))
         elif isinstance(event, BillReturned):
             bt = event.bill_type
-            self.post(lambda: self.bill_returned(bt))
+            self.post(lambda: cash.bill_returned(bt))
         elif isinstance(event, StateChanged):
             state_event = event
             self.post(lambda: self._device_state(state_event))
 
-    async def _lever(self) -> dict[str, Any]:
-        return await self._pay_back("lever")
-
-    async def _manual_dispense(self, coin_type: int, count: int, value: int) -> None:
-        """A technician pressed the changer's own dispense button: not customer money."""
-        await self.journal.append(
-            "cash_out",
-            {"amount": value, "reason": "manual", "coins": {str(coin_type): count}},
-        )
-
     async def _device_state(self, event: StateChanged) -> None:
         state = event.state
         self.device_states[event.device] = state.value
-        self._publish("device", device=event.device, state=state.value, detail=event.detail)
+        self.publish("device", device=event.device, state=state.value, detail=event.detail)
         if state is DeviceState.STARTING:
             return
         was_down = event.device in self._devices_down
@@ -797,37 +539,9 @@ class VendMachine:
                 {"device": event.device, "state": journal_state, "detail": event.detail[:200]},
             )
         if event.device == "coin":
-            # Without the changer no change can be paid: take no money at all. A payout whose
-            # outcome is unknown keeps the fault until it is settled.
-            if state is DeviceState.READY and self._unsettled is not None:
-                await self._settle_payout()
-            elif state is DeviceState.READY:
-                self.set_fault("coin", None)
-            else:
-                self.set_fault("coin", f"coin changer {state.value}")
+            await self.cash.changer_state(state is DeviceState.READY, state.value)
         else:
             self.update_acceptance()
-
-
-@dataclass
-class _OpenPayout:
-    """A payout intent journaled and not yet closed: what it may still record."""
-
-    intent_id: str
-    reason: str
-    amount: int
-    recorded: int = 0
-
-
-def _coins_within(
-    coins: Mapping[int, int], limit: int, value_of: Callable[[int], int]
-) -> dict[int, int]:
-    """The coins of ``coins`` worth at most ``limit``, dropping the largest first."""
-    kept = dict(coins)
-    for coin_type in sorted(kept, key=value_of, reverse=True):
-        while kept[coin_type] > 0 and sum(value_of(t) * n for t, n in kept.items()) > limit:
-            kept[coin_type] -= 1
-    return {t: n for t, n in kept.items() if n > 0}
 
 
 def _new_id() -> str:

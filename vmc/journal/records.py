@@ -219,6 +219,16 @@ def _pattern(regex: re.Pattern[str], what: str) -> FieldCheck:
 
 _slot = _pattern(SLOT_RE, "a slot id of 1 to 8 letters or digits")
 _ident = _pattern(ID_RE, "an id of 1 to 64 characters [A-Za-z0-9_.:-]")
+_currency = _pattern(re.compile(r"[A-Z]{3}"), "an ISO 4217 currency code")
+_time = _pattern(re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z"), "an RFC 3339 UTC time")
+#: The QR text of an order (its URL template allows 2000 characters, and the values it holds).
+MAX_QR_TEXT: Final = 4000
+
+
+def _qr_text(rtype: str, name: str, value: object) -> object:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_QR_TEXT:
+        raise RecordInvalid(rtype, name, f"expected a string of 1 to {MAX_QR_TEXT} characters")
+    return value
 
 
 def _one_of(*choices: str) -> FieldCheck:
@@ -327,12 +337,16 @@ SCHEMAS: Final[dict[str, _Spec]] = {
         "price": (_money, True),
         "method": (_one_of(*METHODS), True),
         "reason": (_text, True),
+        "order_id": (_ident, False),
+        "session_id": (_ident, False),
     },
+    # Money owed back to a wallet (QR) or a card: the backend (or the reader) returns it.
     "refund": {
         "intent_id": (_ident, False),
         "order_id": (_ident, False),
         "session_id": (_ident, False),
         "amount": (_money, True),
+        "currency": (_currency, False),
         "method": (_one_of(*METHODS), True),
         "reason": (_text, True),
     },
@@ -344,11 +358,20 @@ SCHEMAS: Final[dict[str, _Spec]] = {
         "found": (_signed_count, True),
         "amount": (_optional(_signed_money), True),
     },
+    # A QR order (vmc/payments/qr.py): ``created`` carries what the ``orders`` topic carries
+    # (so the journal syncs it durably) and its origin; ``cancelled`` and ``expired`` the
+    # reason. An order is closed by exactly one of: ``cancelled``, ``expired``, or the ``sale``
+    # or ``vend_failed`` naming its ``order_id`` (the level ``orders.open.count``).
     "order": {
         "order_id": (_ident, True),
         "slot": (_slot, True),
         "price": (_money, True),
         "state": (_one_of("created", "cancelled", "expired"), True),
+        "currency": (_currency, False),
+        "origin": (_one_of("machine", "remote"), False),
+        "qr": (_qr_text, False),
+        "expires_at": (_time, False),
+        "reason": (_text, False),
     },
     "price_changed": {"slot": (_slot, True), "old": (_money, True), "new": (_money, True)},
     "inventory_changed": {"slot": (_slot, True), "old": (_count, True), "new": (_count, True)},
@@ -570,7 +593,8 @@ def counter_deltas(record: Record) -> dict[str, int]:
 
 def level_deltas(record: Record) -> dict[str, int]:
     """What ``record`` changes in the device levels: coins per tube (``tubes.<type>.count``),
-    bills in the stacker (``stacker.count``) and products per slot (``stock.<slot>.count``).
+    bills in the stacker (``stacker.count``) and products per slot (``stock.<slot>.count``),
+    and the QR orders not yet closed (``orders.open.count``: start-up expires them).
     Levels go up and down; they are what the devices should report if nothing went unrecorded.
     The planogram is kept as levels too, so that it survives restarts and pruning atomically
     with its records: ``price.<slot>.value`` and ``disabled.<slot>.flag`` (vmc/planogram.py)."""
@@ -587,6 +611,13 @@ def level_deltas(record: Record) -> dict[str, int]:
                 _add(deltas, f"tubes.{coin_type}.count", -count)
         case "sale":
             _add(deltas, f"stock.{data['slot']}.count", -1)
+            if "order_id" in data:
+                _add(deltas, OPEN_ORDERS_LEVEL, -1)
+        case "vend_failed":
+            if "order_id" in data:
+                _add(deltas, OPEN_ORDERS_LEVEL, -1)
+        case "order":
+            _add(deltas, OPEN_ORDERS_LEVEL, 1 if data["state"] == "created" else -1)
         case "inventory_changed":
             _add(deltas, f"stock.{data['slot']}.count", data["new"] - data["old"])
         case "price_changed":
@@ -626,3 +657,4 @@ def tube_level_name(coin_type: int) -> str:
 
 
 STACKER_LEVEL: Final = "stacker.count"
+OPEN_ORDERS_LEVEL: Final = "orders.open.count"

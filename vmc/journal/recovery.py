@@ -13,8 +13,13 @@ silently keeps a customer's money:
 - ``vend_intent`` paid in cash → ``vend_failed{reason: "interrupted"}`` + ``credit{price}``: the
   credit is offered again. The product may have dropped before the power went; the machine then
   loses one product, which is the side we choose to err on.
-- ``vend_intent`` paid by card or QR → ``vend_failed`` + ``refund{amount: price}`` for the backend
-  or the reader to return the money.
+- ``vend_intent`` paid by card or QR → ``vend_failed`` + ``refund{amount: price}`` (with the
+  order or session id, and the currency) for the backend or the reader to return the money: the
+  same side as cash (the product may have fallen; the customer is not charged for it).
+- a QR ``order`` created and never closed (the screen showed it when the machine stopped) →
+  ``order{state: expired, reason: restart}`` (:func:`expire_open_orders`): after a restart no
+  screen shows it, so a ``vend`` for it is refused (``order_expired``) and the backend refunds
+  the wallet.
 - ``payout_intent`` → what was paid is derived from the tube counts (the counts the intent
   carries, read with acceptance off before the first coin left, less the coins already recorded,
   less what the tubes hold now; for an intent without counts, the records' levels stand in; coins
@@ -33,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vmc.journal.records import STACKER_LEVEL, Record, tube_level_name
+from vmc.journal.records import OPEN_ORDERS_LEVEL, STACKER_LEVEL, Record, tube_level_name
 from vmc.journal.store import Journal
 
 RecordSpec = tuple[str, dict[str, Any]]
@@ -73,7 +78,7 @@ def stock_levels(levels: Mapping[str, int]) -> dict[str, int]:
     return stock
 
 
-def _vend(intent: Record) -> tuple[list[RecordSpec], str]:
+def _vend(intent: Record, currency: str | None) -> tuple[list[RecordSpec], str]:
     data = intent.data
     failed: dict[str, Any] = {
         "intent_id": data["intent_id"],
@@ -82,6 +87,9 @@ def _vend(intent: Record) -> tuple[list[RecordSpec], str]:
         "method": data["method"],
         "reason": "interrupted",
     }
+    for key in ("order_id", "session_id"):
+        if key in data:
+            failed[key] = data[key]
     if data["method"] == "cash":
         credit = {"amount": data["price"], "reason": "vend interrupted; credit offered again"}
         return [("vend_failed", failed), ("credit", credit)], "credit"
@@ -91,6 +99,8 @@ def _vend(intent: Record) -> tuple[list[RecordSpec], str]:
         "method": data["method"],
         "reason": "vend interrupted",
     }
+    if currency is not None:
+        refund["currency"] = currency
     for key in ("order_id", "session_id"):
         if key in data:
             refund[key] = data[key]
@@ -195,9 +205,12 @@ def _escrow(intent: Record, stacker_surplus: int | None) -> tuple[list[RecordSpe
     return [returned_record], "returned", "stacker count shows no unrecorded bill", False
 
 
-async def resolve_open_intents(journal: Journal, facts: DeviceFacts) -> list[Record]:
+async def resolve_open_intents(
+    journal: Journal, facts: DeviceFacts, *, currency: str | None = None
+) -> list[Record]:
     """Resolve every intent without an outcome by the default policy (module docstring), oldest
-    first; returns the records written. Run before :func:`reconcile_devices`."""
+    first; returns the records written (``currency``: the machine's, named on refunds). Run
+    before :func:`reconcile_devices`."""
     intents = await journal.open_intents()
     if not intents:
         return []
@@ -217,7 +230,7 @@ async def resolve_open_intents(journal: Journal, facts: DeviceFacts) -> list[Rec
     for intent in intents:
         intent_id = intent.data["intent_id"]
         if intent.type == "vend_intent":
-            specs, how = _vend(intent)
+            specs, how = _vend(intent, currency)
             detail = f"vend of slot {intent.data['slot']} interrupted; not vended again"
         elif intent.type == "payout_intent":
             specs, how, detail = await _payout(journal, intent, facts, tubes)
@@ -271,3 +284,49 @@ async def reconcile_devices(journal: Journal, facts: DeviceFacts) -> list[Record
                 )
             )
     return await journal.append_many(corrections)
+
+
+#: Records read per step when :func:`expire_open_orders` looks back for open orders.
+ORDER_SCAN_CHUNK = 500
+
+
+async def expire_open_orders(journal: Journal) -> list[Record]:
+    """Start-up: journal every QR order still open (created, never cancelled, expired or
+    vended; the level ``orders.open.count``) as ``expired`` with reason ``restart``, in one
+    transaction; returns the records. Nothing is read when the level is 0 (the usual start);
+    otherwise the journal is read backwards until every open order is found."""
+    wanted = (await journal.levels()).get(OPEN_ORDERS_LEVEL, 0)
+    if wanted <= 0:
+        return []
+    closed: set[str] = set()
+    found: list[dict[str, Any]] = []
+    high = journal.last_seq
+    while high >= 1 and len(found) < wanted:
+        low = max(1, high - ORDER_SCAN_CHUNK + 1)
+        chunk = await journal.records(since_seq=low, limit=high - low + 1)
+        for record in reversed(chunk):
+            data = record.data
+            order_id = data.get("order_id")
+            if not isinstance(order_id, str):
+                continue
+            if record.type == "order" and data["state"] == "created":
+                if order_id not in closed:
+                    found.append(data)
+                    closed.add(order_id)
+            elif record.type in ("order", "sale", "vend_failed"):
+                closed.add(order_id)
+        high = low - 1
+    specs: list[RecordSpec] = [
+        (
+            "order",
+            {
+                "order_id": data["order_id"],
+                "slot": data["slot"],
+                "price": data["price"],
+                "state": "expired",
+                "reason": "restart",
+            },
+        )
+        for data in reversed(found[:wanted])
+    ]
+    return await journal.append_many(specs)
