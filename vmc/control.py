@@ -8,6 +8,9 @@ docs/control.md for the full reference. Requests:
 * ``{"op": "state"}`` → ``{"ok": true, "state": {...}}``: credit, phase, faults, slots;
 * ``{"op": "select", "slot": "A1"}`` → the vend's result, or ``{"ok": false, "error": code}``;
 * ``{"op": "cancel"}`` → pays the credit back (the screen's return button);
+* ``{"op": "qr_order", "slot": "A1"}`` → a QR e-wallet order for that slot: the order, its QR
+  as a PNG (base64) and as text, or a refusal (``qr_unavailable`` while the cloud link is down);
+* ``{"op": "qr_cancel"}`` → cancels the QR order shown;
 * ``{"op": "subscribe"}`` → ``{"ok": true, "state": {...}}``, then one event object per line
   (``{"event": "credit", "credit": 150, ...}``) until the client disconnects;
 * ``{"op": "ping"}`` → ``{"ok": true}``.
@@ -36,6 +39,7 @@ from typing import Any, TypeVar
 import structlog
 
 from vmc.machine import VendMachine
+from vmc.payments.qr import QrPayments
 
 log = structlog.get_logger("vmc.control")
 
@@ -47,6 +51,9 @@ SOCKET_MODE = 0o660
 CLIENT_CLOSE_WAIT_S = 0.3
 
 T = TypeVar("T")
+
+#: Ops of the QR payment method.
+QR_OPS = ("qr_order", "qr_cancel")
 
 CLOSING_UNFINISHED = (
     "the daemon stopped before this request finished; the journal holds what was done and "
@@ -192,12 +199,14 @@ class ControlServer:
             return {"ok": True}, False
         if op == "state":
             return {"ok": True, "state": self.state()}, False
-        if op not in ("subscribe", "select", "cancel"):
+        if op not in ("subscribe", "select", "cancel", *QR_OPS):
             return _error("bad_request", f"unknown op {op!r}"), False
         if self._refusing is not None:
             return _error("closing", self._refusing), False
         if op == "subscribe":
             return {"ok": True, "state": self.state()}, True
+        if op in QR_OPS:
+            return await self._qr(op, request), False
         if op == "select":
             slot = request.get("slot")
             if not isinstance(slot, str):
@@ -209,6 +218,23 @@ class ControlServer:
             log.info("control request not finished before the stop", op=op)
             return _error("closing", CLOSING_UNFINISHED), False
         return result, False
+
+    async def _qr(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        """``qr_order`` and ``qr_cancel``, answered by the QR payment method (vmc/payments/qr.py)
+        the daemon attached to the machine."""
+        qr = self.machine.methods.get("qr")
+        if not isinstance(qr, QrPayments):
+            return _error("qr_unavailable", "QR payment is not set up on this machine")
+        if op == "qr_order":
+            slot = request.get("slot")
+            if not isinstance(slot, str):
+                return _error("bad_request", 'qr_order needs "slot": a slot id')
+            result = await self._unless_closing(qr.create_order(slot))
+        else:
+            result = await self._unless_closing(qr.cancel_pending())
+        if result is None:
+            return _error("closing", CLOSING_UNFINISHED)
+        return result
 
     async def _stream_events(self, writer: asyncio.StreamWriter) -> None:
         queue = self.machine.hub.subscribe()
