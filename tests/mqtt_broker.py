@@ -6,6 +6,7 @@ messages, as a production broker does). ``scripts/test`` installs mosquitto on a
 from __future__ import annotations
 
 import contextlib
+import getpass
 import shutil
 import signal
 import socket
@@ -58,6 +59,9 @@ class Broker:
             "\n".join(
                 [
                     f"listener {self.port} 127.0.0.1",
+                    # Run as whoever runs the tests: started as root, mosquitto would switch to
+                    # the user "mosquitto" and could not write its persistence file here.
+                    f"user {getpass.getuser()}",
                     "allow_anonymous true",
                     "persistence true",
                     f"persistence_location {workdir}/",

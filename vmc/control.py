@@ -82,7 +82,8 @@ class ControlServer:
         self._closing = asyncio.Event()
 
     def state(self) -> dict[str, Any]:
-        """STATE: the machine's snapshot and what the daemon adds (``mdb_link``)."""
+        """STATE: the machine's snapshot and what the daemon adds (``mdb_link``,
+        ``cloud_link``)."""
         state = self.machine.snapshot()
         if self._extra_state is not None:
             state.update(self._extra_state())

@@ -1,7 +1,8 @@
 """The vmc daemon: brings the machine up, keeps it running, and stops it cleanly.
 
 Start-up order: state folder → journal → simulators (when configured) → MDB bus master and
-devices → motor board → vend cycle, control interface, recovery → "vmc running", logged only
+devices → motor board → vend cycle, control interface, recovery → cloud link (``[cloud]
+enabled``: started as a task, it never delays the machine) → "vmc running", logged only
 once the acceptors the machine wants on are enabled on the wire (or it has decided it cannot
 take money: then it says why, at WARNING).
 
@@ -13,8 +14,9 @@ fatal error that ends the daemon) stops it within ``STOP_BUDGET_S``, in this ord
    fault (it wants no money any more), every acceptor and reader is disabled on the wire
    (``MdbDevice.stop_accepting_now``), the vend cycle's current step may finish, and the devices
    poll on until they are quiet, so that money already in flight is reported and journaled;
-2. the control interface closes: subscribers get ``closing``, a request still waiting gets
-   ``{"ok": false, "error": "closing"}``;
+2. the cloud link publishes ``online: false`` and disconnects (bounded by
+   ``CLOUD_STOP_TIMEOUT_S``); the control interface closes: subscribers get ``closing``, a
+   request still waiting gets ``{"ok": false, "error": "closing"}``;
 3. tasks cancelled and awaited, the motor board and the bus master closed, the journal closed,
    simulator children terminated.
 """
@@ -47,6 +49,9 @@ from drivers.motor.base import MotorBoard
 from drivers.motor.vmc96 import Vmc96Board
 from vmc.cash import MdbBills, MdbChanger
 from vmc.children import Child, start_child
+from vmc.cloud.link import CloudLink, CommandSink, LinkStatus, software_version
+from vmc.cloud.sync import JournalSync
+from vmc.cloud.telemetry import Telemetry, build_telemetry
 from vmc.config import Config
 from vmc.control import ControlServer
 from vmc.errors import VmcError
@@ -80,6 +85,8 @@ PRUNE_INTERVAL_S = 24 * 3600.0
 ACCEPTING_WAIT_S = 5.0
 #: How often that wait looks again (the enable goes out at a device's next POLL turn).
 ACCEPTING_CHECK_S = 0.01
+#: Share of the stop budget for the cloud link: ``online: false`` and the DISCONNECT.
+CLOUD_STOP_TIMEOUT_S = 0.5
 
 LinkListener = Callable[[bool, str], None]
 
@@ -131,6 +138,10 @@ class Daemon:
         self.mdb_link: dict[str, str] | None = None
         self._last_device_event = 0.0
         self._shut_down = False
+        self.cloud: CloudLink | None = None
+        self._cloud_sync: JournalSync | None = None
+        self._telemetry: Telemetry | None = None
+        self._started_mono = 0.0
 
     # --- task supervision ------------------------------------------------------------------
 
@@ -271,7 +282,103 @@ class Daemon:
 
     def _control_state(self) -> dict[str, Any]:
         """What the control interface adds to the machine's STATE."""
-        return {"mdb_link": dict(self.mdb_link) if self.mdb_link else None}
+        return {
+            "mdb_link": dict(self.mdb_link) if self.mdb_link else None,
+            "cloud_link": self.cloud.status.as_dict() if self.cloud is not None else None,
+        }
+
+    # --- cloud link -------------------------------------------------------------------------
+
+    def _command_sink(self) -> CommandSink | None:
+        """The signed-command handler the link hands ``cmd`` messages to (None: commands are
+        not subscribed)."""
+        return None
+
+    def _start_cloud(self) -> None:
+        """Start the cloud link as a task of its own: nothing here waits on the network."""
+        cloud = self.config.cloud
+        if not cloud.enabled:
+            return
+        journal, machine = self.journal, self.machine
+        assert journal is not None and machine is not None
+        machine_id = self.config.machine.id
+        self._cloud_sync = JournalSync(
+            journal,
+            machine_id,
+            batch_records=cloud.batch_records,
+            max_in_flight=cloud.max_in_flight,
+            ack_timeout_s=cloud.ack_timeout_s,
+        )
+        self._telemetry = Telemetry(self._telemetry_payload, heartbeat_s=cloud.heartbeat_s)
+        self.cloud = CloudLink(
+            cloud,
+            machine_id,
+            boot_id=journal.boot_id,
+            version=software_version(),
+            sync=self._cloud_sync,
+            telemetry=self._telemetry,
+            commands=self._command_sink(),
+        )
+        self.cloud.add_listener(self._on_cloud_link)
+        self.spawn("cloud-link", self.cloud.run())
+        self.spawn("cloud-telemetry-changes", self._watch_for_telemetry())
+
+    def _on_cloud_link(self, status: LinkStatus) -> None:
+        if self.machine is not None and not self._shut_down:
+            self.machine.hub.publish({"event": "cloud", **status.as_dict()})
+        if self._telemetry is not None:
+            self._telemetry.changed()
+
+    async def _watch_for_telemetry(self) -> None:
+        """Every machine event may change what telemetry shows; it debounces and compares."""
+        machine, telemetry, journal = self.machine, self._telemetry, self.journal
+        assert machine is not None and telemetry is not None and journal is not None
+        had_backlog = journal.backlog > 0
+
+        def backlog_changed(_seq: int = 0) -> None:
+            nonlocal had_backlog
+            if (journal.backlog > 0) != had_backlog:
+                had_backlog = journal.backlog > 0
+                telemetry.changed()
+
+        unsubscribe = journal.on_append(backlog_changed)
+        queue = machine.hub.subscribe()
+        try:
+            while True:
+                await queue.get()
+                telemetry.changed()
+                backlog_changed()
+        finally:
+            machine.hub.unsubscribe(queue)
+            unsubscribe()
+
+    def _telemetry_payload(self) -> dict[str, Any]:
+        machine, journal = self.machine, self.journal
+        assert machine is not None
+        return build_telemetry(
+            machine_id=self.config.machine.id,
+            ts=_format_now(),
+            version=software_version(),
+            boot_id=journal.boot_id if journal is not None else "",
+            uptime_s=asyncio.get_running_loop().time() - self._started_mono,
+            link=self.cloud.status if self.cloud is not None else None,
+            snapshot=machine.snapshot(),
+            devices=self.devices,
+            motor_present=self.motor is not None,
+            journal=journal,
+        )
+
+    async def _stop_cloud(self) -> None:
+        cloud = self.cloud
+        if cloud is None:
+            return
+        try:
+            async with asyncio.timeout(CLOUD_STOP_TIMEOUT_S):
+                await cloud.stop()
+        except TimeoutError:
+            log.warning("stop: cloud link did not stop in time")
+        if self._cloud_sync is not None:
+            self._cloud_sync.close()
 
     # --- devices ----------------------------------------------------------------------------
 
@@ -460,6 +567,7 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        self._started_mono = loop.time()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         try:
@@ -480,6 +588,7 @@ class Daemon:
             await self._start_mdb()
             await self._start_motor(stock)
             await self._start_machine()
+            self._start_cloud()
             await self._until_accepting()
             self._log_running()
             await self._stop.wait()
@@ -500,6 +609,7 @@ class Daemon:
         """Wind down with the bus still open, close the control interface, cancel and await
         every task, then close the bus and the journal and stop the children."""
         await self._wind_down()
+        await self._stop_cloud()
         if self.control is not None:
             await self.control.close()
             self.control = None
@@ -608,6 +718,12 @@ class Daemon:
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _format_now() -> str:
+    from vmc.journal.records import format_ts
+
+    return format_ts(_utc_now())
 
 
 async def _nothing() -> None:

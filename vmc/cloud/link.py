@@ -484,9 +484,7 @@ class CloudLink:
                     await asyncio.wait_for(self._stop.wait(), delay)
         finally:
             if worker is not None:
-                worker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await worker
+                await cancel_and_wait([worker])
             self._set_state(LinkState.DOWN, "stopped")
             self._stopped.set()
 
@@ -672,11 +670,26 @@ async def _until_first_ends(parts: list[Coroutine[Any, Any, None]], stop: asynci
     try:
         done, _pending = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in [*tasks, stopper]:
-            task.cancel()
-        await asyncio.gather(*tasks, stopper, return_exceptions=True)
+        await cancel_and_wait([*tasks, stopper])
     for task in done:
         if task is not stopper and not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             assert exc is not None
             raise exc
+
+
+#: A task cancelled but still running is cancelled again this often: on Python 3.11 a
+#: cancellation that lands just as an awaited future completes can be lost (asyncio.wait_for).
+CANCEL_REPEAT_S: Final = 0.05
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until every one has ended, cancelling again as needed."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _done, pending = await asyncio.wait(pending, timeout=CANCEL_REPEAT_S)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller reads the one it wants

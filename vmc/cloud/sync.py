@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
-from vmc.cloud.link import MAX_PAYLOAD_BYTES
+from vmc.cloud.link import MAX_PAYLOAD_BYTES, cancel_and_wait
 from vmc.journal import Journal
 
 if TYPE_CHECKING:
@@ -233,7 +233,4 @@ class JournalSync:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
         finally:
-            for task in publishing:
-                task.cancel()
-            if publishing:
-                await asyncio.gather(*publishing, return_exceptions=True)
+            await cancel_and_wait(list(publishing))
