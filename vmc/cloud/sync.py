@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 
 from vmc.cloud.link import MAX_PAYLOAD_BYTES, cancel_and_wait
-from vmc.journal import Journal
+from vmc.journal import Journal, Record
 
 if TYPE_CHECKING:
     from vmc.cloud.link import Session
@@ -82,6 +82,13 @@ def batches(
     if parts:
         out.append((first, last, head + b",".join(parts) + tail))
     return out
+
+
+def _encode_batches(
+    machine: str, journal_id: str, records: list[Record], max_records: int, max_bytes: int
+) -> list[tuple[int, int, bytes]]:
+    encoded = [(r.seq, encode_record(r.to_wire())) for r in records]
+    return batches(machine, journal_id, encoded, max_records=max_records, max_bytes=max_bytes)
 
 
 class JournalSync:
@@ -207,13 +214,15 @@ class JournalSync:
                 room = self.max_in_flight - len(in_flight)
                 if room > 0 and cursor <= journal.last_seq:
                     records = await journal.records(cursor, limit=self.batch_records * room)
-                    encoded = [(r.seq, encode_record(r.to_wire())) for r in records]
-                    cut = batches(
+                    # JSON of up to a few thousand records: off the loop (its lag budget is
+                    # 5 ms at p99 during a drain).
+                    cut = await asyncio.to_thread(
+                        _encode_batches,
                         self.machine_id,
                         journal.journal_id,
-                        encoded,
-                        max_records=self.batch_records,
-                        max_bytes=self.max_payload_bytes,
+                        records,
+                        self.batch_records,
+                        self.max_payload_bytes,
                     )
                     for first, last, payload in cut[:room]:
                         task = asyncio.create_task(session.publish("journal", payload, qos=1))
