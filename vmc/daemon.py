@@ -49,7 +49,8 @@ from drivers.motor.base import MotorBoard
 from drivers.motor.vmc96 import Vmc96Board
 from vmc.cash import MdbBills, MdbChanger
 from vmc.children import Child, start_child
-from vmc.cloud.link import CloudLink, CommandSink, LinkStatus, software_version
+from vmc.cloud.commands import CommandProcessor
+from vmc.cloud.link import CloudLink, LinkStatus, software_version
 from vmc.cloud.sync import JournalSync
 from vmc.cloud.telemetry import Telemetry, build_telemetry
 from vmc.config import Config
@@ -139,6 +140,7 @@ class Daemon:
         self._last_device_event = 0.0
         self._shut_down = False
         self.cloud: CloudLink | None = None
+        self.commands: CommandProcessor | None = None
         self._cloud_sync: JournalSync | None = None
         self._telemetry: Telemetry | None = None
         self._started_mono = 0.0
@@ -289,18 +291,16 @@ class Daemon:
 
     # --- cloud link -------------------------------------------------------------------------
 
-    def _command_sink(self) -> CommandSink | None:
-        """The signed-command handler the link hands ``cmd`` messages to (None: commands are
-        not subscribed)."""
-        return None
-
-    def _start_cloud(self) -> None:
-        """Start the cloud link as a task of its own: nothing here waits on the network."""
+    async def _start_cloud(self) -> None:
+        """Start the cloud link as a task of its own: nothing here waits on the network. The
+        signed-command processor opens first (its replay cache and unpublished results are on
+        disk: a result a previous run could not publish goes out once the link is up)."""
         cloud = self.config.cloud
         if not cloud.enabled:
             return
         journal, machine = self.journal, self.machine
         assert journal is not None and machine is not None
+        self.commands = await CommandProcessor.open(self.config, journal, machine)
         machine_id = self.config.machine.id
         self._cloud_sync = JournalSync(
             journal,
@@ -317,8 +317,9 @@ class Daemon:
             version=software_version(),
             sync=self._cloud_sync,
             telemetry=self._telemetry,
-            commands=self._command_sink(),
+            commands=self.commands,
         )
+        self.commands.on_sync = self.cloud.request_sync
         self.cloud.add_listener(self._on_cloud_link)
         self.spawn("cloud-link", self.cloud.run())
         self.spawn("cloud-telemetry-changes", self._watch_for_telemetry())
@@ -379,6 +380,9 @@ class Daemon:
             log.warning("stop: cloud link did not stop in time")
         if self._cloud_sync is not None:
             self._cloud_sync.close()
+        if self.commands is not None:
+            await self.commands.close()
+            self.commands = None
 
     # --- devices ----------------------------------------------------------------------------
 
@@ -588,7 +592,7 @@ class Daemon:
             await self._start_mdb()
             await self._start_motor(stock)
             await self._start_machine()
-            self._start_cloud()
+            await self._start_cloud()
             await self._until_accepting()
             self._log_running()
             await self._stop.wait()
