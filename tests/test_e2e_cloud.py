@@ -58,7 +58,12 @@ class Backend:
 
 
 @pytest.fixture
-def cloud(tmp_path: Path) -> Iterator[tuple[Daemon, Backend, CommandSigner]]:
+def heartbeat_s() -> int:
+    return 900  # the default: 15 minutes
+
+
+@pytest.fixture
+def cloud(tmp_path: Path, heartbeat_s: int) -> Iterator[tuple[Daemon, Backend, CommandSigner]]:
     signer = CommandSigner.generate()
     with Broker(tmp_path / "broker") as broker:
         state = tmp_path / "state"
@@ -69,6 +74,7 @@ def cloud(tmp_path: Path) -> Iterator[tuple[Daemon, Backend, CommandSigner]]:
                 'host = "127.0.0.1"',
                 f"port = {broker.port}",
                 f'command_public_key = "{signer.public_key_b64}"',
+                f"heartbeat_s = {heartbeat_s}",
             ]
         )
         config = write_config(tmp_path / "vmc.toml", state, extra=extra)
@@ -135,3 +141,40 @@ def test_forged_command_is_refused_and_changes_nothing(
         WAIT_S,
         "the security record on vmc/M/journal",
     )
+
+
+@pytest.mark.parametrize("heartbeat_s", [2])
+def test_telemetry_carries_every_contract_field_on_change_and_as_a_heartbeat(
+    cloud: tuple[Daemon, Backend, CommandSigner],
+) -> None:
+    daemon, backend, signer = cloud
+    wait_until(lambda: backend.on("telemetry"), WAIT_S, "telemetry")
+    first = backend.on("telemetry")[-1]
+    # The contract's list: link state, each device's state and faults, coin tube levels, bill
+    # stacker count and full flag, per-slot price, stock and enabled flag, door state, records
+    # not yet acknowledged, software version and uptime.
+    assert first["link"]["state"] == "up"
+    assert {"coin", "bill"} <= set(first["devices"])
+    assert all({"state", "faults"} <= set(d) for d in first["devices"].values())
+    assert first["coin_tubes"] and all({"count", "full"} <= set(t) for t in first["coin_tubes"])
+    assert {"count", "full"} <= set(first["bill_stacker"])
+    assert all({"price", "stock", "enabled"} <= set(s) for s in first["slots"])
+    assert "door" in first
+    assert isinstance(first["journal"]["unacked"], int)
+    assert first["version"] and first["uptime_s"] >= 0
+    # A change is published (debounced), without waiting for the heartbeat.
+    body = signer.body(MACHINE, "set_price", {"slot": "A2", "price": 125, "currency": "EUR"})
+    backend.send(json.dumps(signer.sign(body)).encode())
+    wait_until(
+        lambda: any(
+            s["slot"] == "A2" and s["price"] == 125
+            for t in backend.on("telemetry")
+            for s in t["slots"]
+        ),
+        WAIT_S,
+        "telemetry with the new price",
+    )
+    # And with nothing changing, the heartbeat (2 s here, 15 minutes by default) goes on.
+    seen = len(backend.on("telemetry"))
+    wait_until(lambda: len(backend.on("telemetry")) >= seen + 2, WAIT_S, "two heartbeats")
+    assert daemon.state()["state"]["in_service"]
