@@ -178,3 +178,45 @@ def test_telemetry_carries_every_contract_field_on_change_and_as_a_heartbeat(
     seen = len(backend.on("telemetry"))
     wait_until(lambda: len(backend.on("telemetry")) >= seen + 2, WAIT_S, "two heartbeats")
     assert daemon.state()["state"]["in_service"]
+
+
+def test_a_qr_sale_through_the_broker(cloud: tuple[Daemon, Backend, CommandSigner]) -> None:
+    """The screen asks for an order; it is published on vmc/M/orders; the backend, told the
+    wallet paid, sends a signed vend; the machine vends and answers; the sale syncs."""
+    daemon, backend, signer = cloud
+    daemon.wait_state(lambda s: (s.get("qr") or {}).get("available") is True, "QR offered")
+    shown = daemon.control({"op": "qr_order", "slot": "A1"})
+    assert shown["ok"] is True, shown
+    order = shown["order"]
+    wait_until(
+        lambda: any(o["order_id"] == order["order_id"] for o in backend.on("orders")),
+        WAIT_S,
+        "the order on vmc/M/orders",
+    )
+    published = next(o for o in backend.on("orders") if o["order_id"] == order["order_id"])
+    assert published["qr"] == order["qr"] and published["price"] == 100
+    body = signer.body(
+        MACHINE,
+        "vend",
+        {
+            "order_id": order["order_id"],
+            "slot": "A1",
+            "price": 100,
+            "currency": "EUR",
+            "origin": "machine",
+        },
+    )
+    backend.send(json.dumps(signer.sign(body)).encode())
+    wait_until(lambda: backend.result(body["cmd_id"]), WAIT_S, "the vend's result")
+    assert backend.result(body["cmd_id"]) == [{"cmd_id": body["cmd_id"], "ok": True, "error": None}]
+    wait_until(
+        lambda: any(
+            r["type"] == "sale" and r["data"].get("method") == "qr"
+            for batch in backend.on("journal")
+            for r in batch["records"]
+        ),
+        WAIT_S,
+        "the QR sale on vmc/M/journal",
+    )
+    stock = next(s["stock"] for s in daemon.state()["state"]["slots"] if s["slot"] == "A1")
+    assert stock == 9  # hil.harness's default slots hold 10

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -50,7 +50,7 @@ from drivers.motor.vmc96 import Vmc96Board
 from vmc.cash import MdbBills, MdbChanger
 from vmc.children import Child, start_child
 from vmc.cloud.commands import CommandProcessor
-from vmc.cloud.link import CloudLink, LinkStatus, software_version
+from vmc.cloud.link import CloudLink, LinkState, LinkStatus, software_version
 from vmc.cloud.sync import JournalSync
 from vmc.cloud.telemetry import Telemetry, build_telemetry
 from vmc.config import Config
@@ -59,6 +59,7 @@ from vmc.errors import VmcError
 from vmc.journal import Journal, JournalCorrupt
 from vmc.journal.recovery import DeviceFacts, stock_levels
 from vmc.machine import MDB_LINK_FAULT, STOPPING_FAULT, VendMachine
+from vmc.payments.qr import QrPayments
 
 log = structlog.get_logger("vmc.daemon")
 
@@ -141,6 +142,7 @@ class Daemon:
         self._shut_down = False
         self.cloud: CloudLink | None = None
         self.commands: CommandProcessor | None = None
+        self.qr: QrPayments | None = None
         self._cloud_sync: JournalSync | None = None
         self._telemetry: Telemetry | None = None
         self._started_mono = 0.0
@@ -291,6 +293,10 @@ class Daemon:
 
     # --- cloud link -------------------------------------------------------------------------
 
+    async def _publish_order(self, payload: Mapping[str, Any]) -> bool:
+        cloud = self.cloud
+        return cloud is not None and await cloud.publish_json("orders", dict(payload), qos=1)
+
     async def _start_cloud(self) -> None:
         """Start the cloud link as a task of its own: nothing here waits on the network. The
         signed-command processor opens first (its replay cache and unpublished results are on
@@ -300,7 +306,14 @@ class Daemon:
             return
         journal, machine = self.journal, self.machine
         assert journal is not None and machine is not None
-        self.commands = await CommandProcessor.open(self.config, journal, machine)
+        # QR payment is a method of the vend cycle (vmc/payments/qr.py), offered while the link
+        # is up; its orders are journaled and published live, its vends come as commands.
+        self.qr = QrPayments(
+            machine,
+            link_up=lambda: self.cloud is not None and self.cloud.state is LinkState.UP,
+            publish_order=self._publish_order,
+        )
+        self.commands = await CommandProcessor.open(self.config, journal, machine, qr=self.qr)
         machine_id = self.config.machine.id
         self._cloud_sync = JournalSync(
             journal,
@@ -380,6 +393,9 @@ class Daemon:
             log.warning("stop: cloud link did not stop in time")
         if self._cloud_sync is not None:
             self._cloud_sync.close()
+        if self.qr is not None:
+            await self.qr.close()
+            self.qr = None
         if self.commands is not None:
             await self.commands.close()
             self.commands = None
