@@ -1,13 +1,19 @@
 """``python -m hil.backend``: the stand-in backend and its operator's command line.
 
     python -m hil.backend serve --broker 127.0.0.1:1883 --state DIR [--machine M] [--prefix vmc]
+                                [--auto-confirm [--confirm-delay S]]
     python -m hil.backend status  --state DIR [--machine M]
     python -m hil.backend sales   --state DIR [--machine M]
     python -m hil.backend stock   --state DIR [--machine M]
     python -m hil.backend records --state DIR [--machine M] [--type T ...] [--limit N]
+    python -m hil.backend public-key|sign ...                   (hil/backend/commands.py)
+    python -m hil.backend set-price|slot-out|slot-in|set-stock|confirm|decline|send|orders|
+                          results ...                           (hil/backend/operator.py)
 
-(``--broker`` and ``--machine`` before the subcommand work too, as
-``python -m hil.backend --broker HOST:PORT --machine M --state DIR`` = ``serve``.)
+``--state``, ``--machine``, ``--broker`` and ``--prefix`` go before or after the subcommand
+(``python -m hil.backend --state DIR set-price A1 130``); with no subcommand it is ``serve``
+(``python -m hil.backend --broker HOST:PORT --state DIR``). ``serve`` saves its broker, prefix
+and machine in ``DIR/backend.json``, so the operator's commands need only ``--state``.
 
 Subcommands come from providers: modules with ``add_arguments(subparsers) -> {name:
 handler(args) -> exit code}``. ``PROVIDERS`` lists them; a provider that is not there (yet) is
@@ -23,31 +29,47 @@ import importlib
 import importlib.util
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from hil.backend.commands import save_settings, shared_options, state_dir_of
+from hil.backend.operator import (
+    DEFAULT_BROKER,
+    DEFAULT_CONFIRM_DELAY_S,
+    DEFAULT_PREFIX,
+    split_broker,
+)
 from hil.backend.service import serve
 from hil.backend.store import BackendStore
 
 Handler = Callable[[argparse.Namespace], int]
 
 #: Modules that add subcommands (each has ``add_arguments``), in help order.
-PROVIDERS = ["hil.backend.__main__", "hil.backend.commands"]
+PROVIDERS = ["hil.backend.__main__", "hil.backend.commands", "hil.backend.operator"]
 
 
 def _state_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state", "--state-dir", dest="state_dir", type=Path, required=True)
-    parser.add_argument("--machine", default=None, help="one machine (default: every machine)")
+    shared_options(parser)
 
 
 def add_arguments(subparsers: Any) -> dict[str, Handler]:
     """This module's own subcommands: serve and the read-only reports."""
     run = subparsers.add_parser("serve", help="run the backend against a broker")
-    run.add_argument("--broker", default=None, help="HOST:PORT (default 127.0.0.1:1883)")
-    run.add_argument("--prefix", default="vmc")
     _state_args(run)
+    run.add_argument(
+        "--auto-confirm",
+        action="store_true",
+        help="confirm every QR order (send its vend) as a wallet paying it would",
+    )
+    run.add_argument(
+        "--confirm-delay",
+        type=float,
+        default=DEFAULT_CONFIRM_DELAY_S,
+        metavar="S",
+        help=f"seconds from the order to its auto-confirm (default {DEFAULT_CONFIRM_DELAY_S:g})",
+    )
     for name, text in (
         ("status", "each machine's last status and telemetry summary"),
         ("sales", "sales per slot and in total"),
@@ -69,10 +91,19 @@ def add_arguments(subparsers: Any) -> dict[str, Handler]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    host, _, port = (args.broker or "127.0.0.1:1883").rpartition(":")
+    state_dir = state_dir_of(args)
+    broker = getattr(args, "broker", None) or DEFAULT_BROKER
+    prefix = getattr(args, "prefix", None) or DEFAULT_PREFIX
+    host, port = split_broker(broker)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    save_settings(
+        state_dir, broker=f"{host}:{port}", prefix=prefix, machine=getattr(args, "machine", None)
+    )
+    auto = args.confirm_delay if args.auto_confirm else None
+    # SIGTERM ends it as Ctrl-C does (scripts/run-sim stops it so).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.state_dir, host or "127.0.0.1", int(port), args.prefix))
+        asyncio.run(serve(state_dir, host, port, prefix, auto_confirm_s=auto))
     return 0
 
 
@@ -81,8 +112,8 @@ def _machines(store: BackendStore, only: str | None) -> list[str]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    store = BackendStore(args.state_dir)
-    for machine in _machines(store, args.machine):
+    store = BackendStore(state_dir_of(args))
+    for machine in _machines(store, getattr(args, "machine", None)):
         status = store.latest(machine, "status") or {}
         telemetry = store.latest(machine, "telemetry") or {}
         journals = store.journals(machine)
@@ -104,8 +135,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_sales(args: argparse.Namespace) -> int:
-    store = BackendStore(args.state_dir)
-    for machine in _machines(store, args.machine):
+    store = BackendStore(state_dir_of(args))
+    for machine in _machines(store, getattr(args, "machine", None)):
         per_slot: dict[str, dict[str, int]] = {}
         for record in store.records(machine, types=["sale"]):
             data = record["data"]
@@ -121,22 +152,27 @@ def cmd_sales(args: argparse.Namespace) -> int:
 
 
 def cmd_stock(args: argparse.Namespace) -> int:
-    store = BackendStore(args.state_dir)
-    for machine in _machines(store, args.machine):
+    store = BackendStore(state_dir_of(args))
+    for machine in _machines(store, getattr(args, "machine", None)):
         telemetry = store.latest(machine, "telemetry") or {}
         print(json.dumps({"machine": machine, "slots": telemetry.get("slots") or []}))
     return 0
 
 
 def cmd_records(args: argparse.Namespace) -> int:
-    store = BackendStore(args.state_dir)
-    for record in store.records(args.machine, types=args.types, limit=args.limit):
+    store = BackendStore(state_dir_of(args))
+    for record in store.records(getattr(args, "machine", None), types=args.types, limit=args.limit):
         print(json.dumps(record))
     return 0
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
-    parser = argparse.ArgumentParser(prog="python -m hil.backend", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m hil.backend",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    shared_options(parser, top=True)
     subparsers = parser.add_subparsers(dest="command")
     handlers: dict[str, Handler] = {}
     for name in PROVIDERS:
@@ -152,8 +188,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, handlers = build_parser()
-    if argv and argv[0].startswith("--") and argv[0] != "--help":  # the short form: serve
-        argv.insert(0, "serve")
+    if argv and not any(a in handlers or a in ("-h", "--help") for a in argv):
+        argv.append("serve")  # the short form: options only
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -134,69 +134,98 @@ def body_of(envelope: Mapping[str, str]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Command line: ``python -m hil.backend public-key|sign ...`` (through the backend's CLI).
+# Command line: ``python -m hil.backend public-key|sign ...`` (through the backend's CLI; the
+# commands that publish are in hil/backend/operator.py).
 
 
 #: Fields that are always text, even when they look like a number (slot "12").
 TEXT_FIELDS: Final = frozenset({"slot", "order_id", "currency", "origin", "cmd_id", "machine"})
 
+#: What ``serve`` saves in the state folder for the command line: broker, prefix, machine.
+SETTINGS_FILE: Final = "backend.json"
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state", "--state-dir", dest="state_dir", type=Path, required=True)
+
+def save_settings(state_dir: Path, **settings: Any) -> None:
+    """Write ``backend.json`` (atomically): the broker, prefix and default machine."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / SETTINGS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({k: v for k, v in settings.items() if v is not None}) + "\n")
+    os.replace(tmp, path)
 
 
-def _command_args(parser: argparse.ArgumentParser) -> None:
-    _common(parser)
-    parser.add_argument("--machine", required=True)
-    parser.add_argument("--ttl", type=float, default=DEFAULT_TTL_S, help="seconds (default 60)")
+def load_settings(state_dir: Path) -> dict[str, Any]:
+    """``backend.json`` of ``state_dir`` (empty when there is none)."""
+    try:
+        data = json.loads((Path(state_dir) / SETTINGS_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def shared_options(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """``--state``, ``--machine``, ``--broker``, ``--prefix``: accepted before the subcommand
+    (``top``: the main parser, default None) and after it (default: not set, so a value given
+    before the subcommand is kept)."""
+    default = None if top else argparse.SUPPRESS
     parser.add_argument(
-        "type", help="vend, cancel_order, set_price, set_inventory, set_slot, sync, dex"
+        "--state",
+        "--state-dir",
+        dest="state_dir",
+        type=Path,
+        default=default,
+        metavar="DIR",
+        help="the backend's state folder",
     )
-    parser.add_argument("fields", nargs="*", help="field=value (JSON where it parses)")
+    parser.add_argument(
+        "--machine", default=default, help="the machine (default: backend.json's, or the only one)"
+    )
+    parser.add_argument(
+        "--broker", default=default, help="HOST:PORT (default: backend.json's, or 127.0.0.1:1883)"
+    )
+    parser.add_argument("--prefix", default=default, help="topic prefix (default vmc)")
+
+
+def state_dir_of(args: argparse.Namespace) -> Path:
+    state_dir = getattr(args, "state_dir", None)
+    if state_dir is None:
+        raise SystemExit("--state DIR is required (the backend's state folder)")
+    return Path(state_dir)
 
 
 def add_arguments(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     """The signer's subcommands for ``python -m hil.backend`` (hil/backend/__main__.py):
 
     * ``public-key --state DIR``: the key for ``cloud.command_public_key``;
-    * ``sign --state DIR --machine M TYPE field=value ...``: print a signed envelope;
-    * ``send --state DIR --machine M [--broker HOST:PORT] [--prefix vmc] TYPE field=value ...``:
-      sign and publish it on ``PREFIX/M/cmd`` at QoS 1 (e.g. ``send --machine M set_price
-      slot=A1 price=180 currency=EUR``, ``send --machine M set_slot slot=A1 enabled=false``).
+    * ``sign --state DIR [--machine M] TYPE field=value ...``: print a signed envelope.
+
+    (``send`` signs and publishes: hil/backend/operator.py.)
     """
     key = subparsers.add_parser("public-key", help="print the key for cloud.command_public_key")
-    _common(key)
-    _command_args(subparsers.add_parser("sign", help="print a signed command envelope"))
-    send = subparsers.add_parser("send", help="sign a command and publish it to the machine")
-    _command_args(send)
-    send.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT")
-    send.add_argument("--prefix", default="vmc")
-    return {"public-key": cmd_public_key, "sign": cmd_sign, "send": cmd_send}
+    shared_options(key)
+    sign = subparsers.add_parser("sign", help="print a signed command envelope")
+    shared_options(sign)
+    sign.add_argument("--ttl", type=float, default=DEFAULT_TTL_S, help="seconds (default 60)")
+    sign.add_argument(
+        "type", help="vend, cancel_order, set_price, set_inventory, set_slot, sync, dex"
+    )
+    sign.add_argument("fields", nargs="*", help="field=value (JSON where it parses)")
+    return {"public-key": cmd_public_key, "sign": cmd_sign}
 
 
 def cmd_public_key(args: argparse.Namespace) -> int:
-    print(CommandSigner.load_or_create(args.state_dir).public_key_b64)
+    print(CommandSigner.load_or_create(state_dir_of(args)).public_key_b64)
     return 0
-
-
-def _envelope(args: argparse.Namespace) -> dict[str, str]:
-    signer = CommandSigner.load_or_create(args.state_dir)
-    return signer.envelope(args.machine, args.type, parse_fields(args.fields), ttl_s=args.ttl)
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    print(json.dumps(_envelope(args)))
-    return 0
-
-
-def cmd_send(args: argparse.Namespace) -> int:
-    import paho.mqtt.publish as publish  # only this subcommand needs a broker
-
-    envelope = _envelope(args)
-    host, _, port = args.broker.rpartition(":")
-    topic = f"{args.prefix}/{args.machine}/cmd"
-    publish.single(topic, json.dumps(envelope), qos=1, hostname=host or "127.0.0.1", port=int(port))
-    print(json.dumps({"topic": topic, "cmd_id": body_of(envelope)["cmd_id"]}))
+    state_dir = state_dir_of(args)
+    machine = getattr(args, "machine", None) or load_settings(state_dir).get("machine")
+    if not machine:
+        raise SystemExit("--machine M is required")
+    signer = CommandSigner.load_or_create(state_dir)
+    envelope = signer.envelope(str(machine), args.type, parse_fields(args.fields), ttl_s=args.ttl)
+    print(json.dumps(envelope))
     return 0
 
 

@@ -8,6 +8,9 @@ contiguous stored seq, at QoS 1, also when the whole batch was a duplicate (the 
 it because an earlier ack was lost). Status and telemetry keep the latest per machine; orders,
 command results and DEX reports are kept in arrival order.
 
+QR orders wait for the operator (``confirm`` / ``decline``) or, with ``serve
+--auto-confirm``, are confirmed after a delay (hil/backend/operator.py).
+
 Others hook in with :meth:`BackendService.on` (a handler per topic suffix, called after the
 message is stored) and publish through :meth:`BackendService.publish_json`.
 """
@@ -145,9 +148,26 @@ class BackendService:
         self.acks_sent += 1
 
 
-async def serve(state_dir: Path, host: str, port: int, prefix: str = "vmc") -> None:
+async def serve(
+    state_dir: Path,
+    host: str,
+    port: int,
+    prefix: str = "vmc",
+    *,
+    auto_confirm_s: float | None = None,
+) -> None:
+    """Run the backend on ``state_dir``; with ``auto_confirm_s``, every QR order is confirmed
+    (its signed vend sent) that many seconds after it arrived (hil/backend/operator.py)."""
+    from hil.backend.operator import AutoConfirm, Operator
+
     store = BackendStore(state_dir)
+    service = BackendService(store, host, port, prefix=prefix)
+    operator = Operator(state_dir, store)
+    if auto_confirm_s is not None:
+        AutoConfirm(service, operator, auto_confirm_s)
+        log.info("backend: QR orders are confirmed %g s after they arrive", auto_confirm_s)
     try:
-        await BackendService(store, host, port, prefix=prefix).run()
+        await service.run()
     finally:
+        operator.close()
         store.close()
