@@ -58,7 +58,9 @@ async def fill(journal: Journal, count: int) -> None:
         done += n
 
 
-async def drain(state: Path, port: int) -> tuple[float, float, float, int]:
+async def drain(
+    state: Path, port: int, cloud: dict[str, object]
+) -> tuple[float, float, float, int]:
     """(seconds, RSS growth MB, loop lag p99 ms, records) for the drain."""
     journal = await Journal.open(state)
     config = parse_config(
@@ -66,7 +68,7 @@ async def drain(state: Path, port: int) -> tuple[float, float, float, int]:
             "machine": {"id": MACHINE, "state_dir": str(state)},
             "mdb": {"simulate": True},
             "motor": {"simulate": True},
-            "cloud": {"enabled": True, "port": port},
+            "cloud": {"enabled": True, "port": port, **cloud},
         },
         state,
     ).cloud
@@ -123,7 +125,11 @@ def baseline(port: int, payloads: list[bytes]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="10,000 records")
+    parser.add_argument("--max-in-flight", type=int, help="cloud.max_in_flight (default: its)")
     args = parser.parse_args()
+    cloud: dict[str, object] = {}
+    if args.max_in_flight:
+        cloud["max_in_flight"] = args.max_in_flight
     count = 10_000 if args.quick else 100_000
     work = Path(tempfile.mkdtemp(prefix="vmc-bench-sync-"))
     with Broker(work / "broker") as broker:
@@ -153,7 +159,7 @@ def main() -> int:
                 return [json.dumps(r.to_wire()).encode() for r in records]
 
             payloads = asyncio.run(prepare())
-            seconds, rss_growth, lag_p99, total = asyncio.run(drain(state, broker.port))
+            seconds, rss_growth, lag_p99, total = asyncio.run(drain(state, broker.port, cloud))
             base_seconds = baseline(broker.port, payloads)
         finally:
             backend.terminate()

@@ -4,7 +4,7 @@ stand-in backend (hil.backend) storing and acking, and a TCP proxy that the test
 from __future__ import annotations
 
 import asyncio
-import itertools
+import json
 import random
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -19,7 +19,7 @@ from tests.mqtt_broker import Broker, mosquitto_binary
 from tests.tcp_proxy import TcpProxy
 from tests.test_cloud_link import MACHINE, cloud_config, wait_state
 from vmc.cloud.link import CloudLink, LinkState, cancel_and_wait
-from vmc.cloud.sync import JournalSync, batches
+from vmc.cloud.sync import JournalSync, encode_record
 from vmc.journal import Journal
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
@@ -253,15 +253,110 @@ async def test_stale_repeated_foreign_and_bad_acks_change_nothing(
         await journal.close()
 
 
-def test_batches_respect_record_and_byte_limits() -> None:
-    encoded = [(seq, b'{"seq":%d,"pad":"%s"}' % (seq, b"x" * 300)) for seq in range(1, 1201)]
-    cut = batches("M", "J", encoded, max_records=500, max_bytes=64 * 1024)
-    assert all(len(payload) <= 64 * 1024 for _f, _l, payload in cut)
-    assert cut[0][0] == 1 and cut[-1][1] == 1200
-    assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(cut))
-    few = batches("M", "J", encoded[:10], max_records=500)
-    assert len(few) == 1 and few[0][:2] == (1, 10)
-    assert len(batches("M", "J", encoded[:10], max_records=3)) == 4
+async def test_wire_batch_is_the_records_wire_json_within_the_limits(tmp_path: Path) -> None:
+    """SQLite builds exactly the bytes of ``encode_record(record.to_wire())``, joined by commas,
+    cut at the record and byte limits; a record over the byte limit comes alone."""
+    journal = await Journal.open(tmp_path / "state")
+    try:
+        await append(journal, 1200)
+        odd = 'Ä"\\\n\t\x01\x7f😀 € \u2028'  # quotes, escapes, control characters, non-ASCII
+        await journal.append("credit", {"amount": 5, "reason": odd})
+        records = await journal.records(1, limit=5000)
+        assert records[-1].data["reason"] == odd
+
+        def expected(first: int, count: int) -> bytes:
+            return b",".join(encode_record(r.to_wire()) for r in records[first - 1 :][:count])
+
+        whole = await journal.wire_batch(1, 5000, 10**9)
+        assert whole is not None
+        assert (whole.first, whole.last, whole.count) == (1, 1202, 1202)
+        assert whole.body == expected(1, 1202)
+        tail = await journal.wire_batch(1202, 500, 10**9)
+        assert tail is not None and json.loads(tail.body)["data"]["reason"] == odd
+
+        by_count = await journal.wire_batch(7, 3, 10**9)
+        assert by_count is not None and (by_count.first, by_count.last) == (7, 9)
+        assert by_count.body == expected(7, 3)
+
+        cap = 64 * 1024 - 100
+        by_bytes = await journal.wire_batch(5, 500, cap)
+        assert by_bytes is not None and by_bytes.first == 5 and by_bytes.count < 500
+        assert by_bytes.body == expected(5, by_bytes.count)
+        assert len(by_bytes.body) <= cap < len(expected(5, by_bytes.count + 1))
+
+        alone = await journal.wire_batch(3, 500, 10)
+        assert alone is not None and (alone.first, alone.count) == (3, 1)
+        assert alone.body == expected(3, 1)
+        assert await journal.wire_batch(1203, 500, cap) is None
+    finally:
+        await journal.close()
+
+
+class CapturingSession:
+    """A connection that takes every publish and never gets an ack (nor a PUBACK wait)."""
+
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+        self.published = asyncio.Event()
+
+    async def publish(self, suffix: str, payload: bytes, *, qos: int, **_: Any) -> None:
+        assert suffix == "journal" and qos == 1
+        self.payloads.append(payload)
+        self.published.set()
+
+
+async def test_batches_follow_the_contract_and_the_window_bound(tmp_path: Path) -> None:
+    """Without acks the sync sends ``max_in_flight`` batches and stops; each batch is a
+    contract payload (≤ 500 records, ≤ 64 KiB, ascending seq from the first unacked); an ack
+    opens the window at once, before the journal has saved it."""
+    journal = await Journal.open(tmp_path / "state")
+    sync = JournalSync(journal, MACHINE, max_in_flight=3)
+    session = CapturingSession()
+    task = asyncio.create_task(sync.run(session))  # type: ignore[arg-type]
+    try:
+        await append(journal, 4000)
+        deadline = time.monotonic() + WAIT_S
+        while len(session.payloads) < 3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert len(session.payloads) == 3  # the window is full
+        seqs: list[int] = []
+        for payload in session.payloads:
+            assert len(payload) <= 64 * 1024
+            batch = json.loads(payload)
+            assert batch["machine"] == MACHINE and batch["journal"] == journal.journal_id
+            assert 1 <= len(batch["records"]) <= 500
+            seqs += [r["seq"] for r in batch["records"]]
+        assert seqs == list(range(1, len(seqs) + 1))
+
+        # Acks free the window as they arrive; the journal saves them behind, folded.
+        saved: list[int] = []
+        real_ack = journal.ack
+
+        async def counting_ack(journal_id: str, upto: int) -> bool:
+            saved.append(upto)
+            return await real_ack(journal_id, upto)
+
+        journal.ack = counting_ack  # type: ignore[method-assign]
+        j = journal.journal_id
+        for upto in (100, 200, seqs[-1]):
+            assert sync.ack_received(f'{{"journal": "{j}", "upto": {upto}}}'.encode())
+        assert sync.acked == seqs[-1]
+        assert not sync.ack_received(f'{{"journal": "{j}", "upto": 150}}'.encode())  # stale
+        while len(session.payloads) < 6:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        while journal.acked_upto < seqs[-1]:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert saved[-1] == seqs[-1] and len(saved) <= 2  # 3 acks, at most 2 commits
+        following = json.loads(session.payloads[3])["records"][0]["seq"]
+        assert following == seqs[-1] + 1
+    finally:
+        await cancel_and_wait([task])
+        sync.close()
+        await journal.close()
 
 
 async def test_startup_with_100k_unacked_is_as_quick_as_with_none(tmp_path: Path) -> None:

@@ -635,7 +635,7 @@ class CloudLink:
             payload = message.payload
             data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
             if topic == self.topics.journal_ack and self.sync is not None:
-                await self.sync.on_ack(data)
+                self.sync.ack_received(data)  # the journal commit runs behind
             elif topic == self.topics.cmd and self.commands is not None:
                 self._commands_in.put_nowait(data)
             else:

@@ -7,15 +7,22 @@ the batch).
   drops them by ``(machine, journal, seq)``.
 * A batch is ``{"machine": M, "journal": J, "records": [...]}`` with 1 to ``batch_records``
   (≤ 500) records in ascending seq and at most 64 KiB of payload (a batch is cut short to fit),
-  published at QoS 1; at most ``max_in_flight`` batches are out without an ack.
-* Nothing is read at start: each batch is read from SQLite (on the journal's own thread) when
-  there is room to send it, so 100,000 unacknowledged records cost nothing until the link is
-  up, and then never more than ``max_in_flight`` batches of memory.
+  published at QoS 1; at most ``max_in_flight`` batches are out without an ack
+  (``cloud.max_in_flight``: enough to cover the ack's round trip, so the backend never waits
+  for the machine).
+* Nothing is read at start: each batch is read when there is room to send it, so 100,000
+  unacknowledged records cost nothing until the link is up, and then never more than
+  ``max_in_flight`` batches of memory.
+* Nothing heavy runs on the event loop: :meth:`Journal.wire_batch` has SQLite build a batch's
+  bytes on a read-only connection and a thread of its own (the GIL released meanwhile, the
+  writer's queue not in the way); the loop adds the envelope and hands the bytes to paho.
 * A new record wakes the sender at once (``Journal.on_append``).
-* An ack is applied by ``Journal.ack``, which ignores stale, repeated, foreign-journal and
-  beyond-the-last-seq acks. When no ack advances for ``ack_timeout_s`` while batches are out
-  (the backend lost them, or restarted), sending starts again from the first unacknowledged
-  seq.
+* An ack frees its batches' room in the window as soon as it arrives (the backend has the
+  records; that is what counts); making it durable here (``Journal.ack``: a commit on the
+  journal's writer) runs behind, and the acks that arrive meanwhile are folded into one
+  commit (acks are cumulative). Stale, repeated, foreign-journal and beyond-the-last-seq acks
+  are ignored. When no ack advances for ``ack_timeout_s`` while batches are out (the backend
+  lost them, or restarted), sending starts again from the first unacknowledged seq.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 
 from vmc.cloud.link import MAX_PAYLOAD_BYTES, cancel_and_wait
-from vmc.journal import Journal, Record
+from vmc.journal import Journal, JournalClosed, JournalUnavailable
 
 if TYPE_CHECKING:
     from vmc.cloud.link import Session
@@ -42,53 +49,21 @@ MAX_BATCH_RECORDS: Final = 500
 
 
 def encode_record(wire: dict[str, Any]) -> bytes:
+    """A record's wire form as the sync sends it (``Journal.wire_batch`` builds the same bytes
+    in SQLite; the tests compare the two)."""
     return json.dumps(wire, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-def batches(
-    machine: str,
-    journal_id: str,
-    encoded: list[tuple[int, bytes]],
-    *,
-    max_records: int = MAX_BATCH_RECORDS,
-    max_bytes: int = MAX_PAYLOAD_BYTES,
-) -> list[tuple[int, int, bytes]]:
-    """Cut ``(seq, encoded record)`` pairs (ascending) into payloads of at most
-    ``max_records`` records and ``max_bytes`` bytes: ``(first seq, last seq, payload)``.
-    A record too big for any batch on its own is sent alone (records are far smaller)."""
+def envelope(machine: str, journal_id: str) -> tuple[bytes, bytes]:
+    """The bytes before and after the comma-joined records of a batch."""
     head = (
         b'{"machine":'
-        + json.dumps(machine).encode()
+        + json.dumps(machine, ensure_ascii=False).encode()
         + b',"journal":'
-        + json.dumps(journal_id).encode()
+        + json.dumps(journal_id, ensure_ascii=False).encode()
         + b',"records":['
     )
-    tail = b"]}"
-    out: list[tuple[int, int, bytes]] = []
-    parts: list[bytes] = []
-    first = last = 0
-    size = len(head) + len(tail)
-    for seq, data in encoded:
-        extra = len(data) + (1 if parts else 0)
-        if parts and (len(parts) >= max_records or size + extra > max_bytes):
-            out.append((first, last, head + b",".join(parts) + tail))
-            parts, size = [], len(head) + len(tail)
-            extra = len(data)
-        if not parts:
-            first = seq
-        parts.append(data)
-        last = seq
-        size += extra
-    if parts:
-        out.append((first, last, head + b",".join(parts) + tail))
-    return out
-
-
-def _encode_batches(
-    machine: str, journal_id: str, records: list[Record], max_records: int, max_bytes: int
-) -> list[tuple[int, int, bytes]]:
-    encoded = [(r.seq, encode_record(r.to_wire())) for r in records]
-    return batches(machine, journal_id, encoded, max_records=max_records, max_bytes=max_bytes)
+    return head, b"]}"
 
 
 class JournalSync:
@@ -107,6 +82,8 @@ class JournalSync:
     ) -> None:
         if not 1 <= batch_records <= MAX_BATCH_RECORDS:
             raise ValueError("batch_records must be 1..500")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         self.journal = journal
         self.machine_id = machine_id
         self.batch_records = batch_records
@@ -117,6 +94,10 @@ class JournalSync:
         self._wake = asyncio.Event()
         self._rewind = False
         self._unsubscribe = journal.on_append(lambda _seq: self._wake.set())
+        #: The highest ``upto`` the backend acked (durable here once ``journal.acked_upto``
+        #: reaches it).
+        self._backend_upto = journal.acked_upto
+        self._saver: asyncio.Task[None] | None = None
         #: Counters for tests, the bench and telemetry.
         self.batches_sent = 0
         self.records_sent = 0
@@ -126,14 +107,22 @@ class JournalSync:
 
     def close(self) -> None:
         self._unsubscribe()
+        if self._saver is not None:
+            self._saver.cancel()
 
     def rewind(self) -> None:
         """Resend from the first unacknowledged seq (the ``sync`` command)."""
         self._rewind = True
         self._wake.set()
 
-    async def on_ack(self, payload: bytes) -> bool:
-        """A ``journal/ack`` message; True when it advanced the journal's ``acked_upto``."""
+    @property
+    def acked(self) -> int:
+        """The highest seq the backend acked (perhaps not yet durable here)."""
+        return max(self._backend_upto, self.journal.acked_upto)
+
+    def ack_received(self, payload: bytes) -> bool:
+        """A ``journal/ack`` message, on the loop, without waiting: True when it advanced.
+        The window moves at once; ``Journal.ack`` follows on a task of its own."""
         try:
             ack = json.loads(payload)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -147,19 +136,42 @@ class JournalSync:
             self.acks_ignored += 1
             log.debug("journal ack ignored: bad fields", ack=str(ack)[:200])
             return False
-        applied = await self.journal.ack(journal_id, upto)
-        if applied:
-            self.acks_applied += 1
-            self._wake.set()
-        else:
+        journal = self.journal
+        if journal_id != journal.journal_id or not self.acked < upto <= journal.last_seq:
             self.acks_ignored += 1
             log.debug(
                 "journal ack ignored: stale, repeated, foreign or beyond the last seq",
                 journal=journal_id,
                 upto=upto,
-                acked_upto=self.journal.acked_upto,
+                acked_upto=self.acked,
             )
+            return False
+        self._backend_upto = upto
+        self.acks_applied += 1
+        self._wake.set()
+        if self._saver is None or self._saver.done():
+            self._saver = asyncio.create_task(self._save(), name="journal-ack-save")
+        return True
+
+    async def on_ack(self, payload: bytes) -> bool:
+        """:meth:`ack_received`, then wait until the journal holds the ack durably."""
+        applied = self.ack_received(payload)
+        saver = self._saver
+        if applied and saver is not None:
+            await asyncio.shield(saver)
         return applied
+
+    async def _save(self) -> None:
+        """Make the backend's acks durable in the journal: one commit for whatever arrived
+        while the previous one ran."""
+        journal = self.journal
+        while journal.acked_upto < self._backend_upto:
+            try:
+                await journal.ack(journal.journal_id, self._backend_upto)
+            except (JournalClosed, JournalUnavailable) as exc:
+                # Not lost: the records are resent after a restart, and the backend acks again.
+                log.debug("journal ack not saved", upto=self._backend_upto, error=str(exc))
+                return
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
@@ -167,18 +179,16 @@ class JournalSync:
     async def run(self, session: Session) -> None:
         """Send while the connection lasts (cancelled when it ends)."""
         journal = self.journal
-        cursor = journal.acked_upto + 1
+        head, tail = envelope(self.machine_id, journal.journal_id)
+        records_bytes = self.max_payload_bytes - len(head) - len(tail)
+        cursor = self.acked + 1
         self._rewind = False
         in_flight: deque[int] = deque()  # last seq of each batch out without an ack
         publishing: set[asyncio.Task[None]] = set()
         deadline: float | None = None  # resend when no ack advanced by then
-        seen_acked = journal.acked_upto
+        seen_acked = self.acked
         if cursor <= journal.last_seq:
-            log.info(
-                "journal sync resumes",
-                from_seq=cursor,
-                unacked=journal.last_seq - journal.acked_upto,
-            )
+            log.info("journal sync resumes", from_seq=cursor, unacked=journal.last_seq - cursor + 1)
 
         def sent(task: asyncio.Task[None]) -> None:
             publishing.discard(task)
@@ -190,7 +200,7 @@ class JournalSync:
                 for task in [t for t in publishing if t.done()]:
                     publishing.discard(task)
                     task.result()  # a lost connection ends the session here
-                acked = journal.acked_upto
+                acked = self.acked
                 if acked != seen_acked:
                     seen_acked = acked
                     deadline = self._now() + self.ack_timeout_s if in_flight else None
@@ -211,32 +221,23 @@ class JournalSync:
                     cursor = acked + 1
                     in_flight.clear()
                     deadline = None
-                room = self.max_in_flight - len(in_flight)
-                if room > 0 and cursor <= journal.last_seq:
-                    records = await journal.records(cursor, limit=self.batch_records * room)
-                    # JSON of up to a few thousand records: off the loop (its lag budget is
-                    # 5 ms at p99 during a drain).
-                    cut = await asyncio.to_thread(
-                        _encode_batches,
-                        self.machine_id,
-                        journal.journal_id,
-                        records,
-                        self.batch_records,
-                        self.max_payload_bytes,
-                    )
-                    for first, last, payload in cut[:room]:
-                        task = asyncio.create_task(session.publish("journal", payload, qos=1))
-                        publishing.add(task)
-                        task.add_done_callback(sent)
-                        in_flight.append(last)
-                        self.batches_sent += 1
-                        self.records_sent += last - first + 1
-                        cursor = last + 1
-                        if deadline is None:
-                            deadline = self._now() + self.ack_timeout_s
-                    if not records:  # cannot happen: unacked records are never pruned
+                if len(in_flight) < self.max_in_flight and cursor <= journal.last_seq:
+                    batch = await journal.wire_batch(cursor, self.batch_records, records_bytes)
+                    if batch is None or batch.first != cursor:  # unacked records are kept
                         log.error("journal sync: records missing", from_seq=cursor)
                         cursor = journal.last_seq + 1
+                        continue
+                    task = asyncio.create_task(
+                        session.publish("journal", head + batch.body + tail, qos=1)
+                    )
+                    publishing.add(task)
+                    task.add_done_callback(sent)
+                    in_flight.append(batch.last)
+                    self.batches_sent += 1
+                    self.records_sent += batch.count
+                    cursor = batch.last + 1
+                    if deadline is None:
+                        deadline = self._now() + self.ack_timeout_s
                     continue
                 timeout = None if deadline is None else max(0.0, deadline - self._now())
                 with contextlib.suppress(TimeoutError):

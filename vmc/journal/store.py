@@ -25,6 +25,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -398,6 +399,69 @@ def free_bytes(directory: Path | int) -> int:
 
 
 RECORD_COLUMNS: Final = "seq, id, boot_id, ts, mono_ns, type, data, source"
+
+
+#: One record in the contract's wire form, built by SQLite from the stored columns: the same
+#: bytes as ``encode_json(record.to_wire())`` (``data`` and ``source`` are stored as that compact
+#: JSON already; ``json_quote`` escapes strings as ``json.dumps(ensure_ascii=False)`` does).
+WIRE_RECORD_SQL: Final = (
+    """'{"seq":' || seq || ',"id":' || json_quote(id) || ',"boot_id":' || json_quote(boot_id)"""
+    """ || ',"ts":' || json_quote(ts) || ',"type":' || json_quote(type)"""
+    """ || ',"data":' || data || ',"source":' || source || '}'"""
+)
+#: The sync's batch: records from ``:from_seq`` in ascending seq, at most ``:max_records``, cut
+#: where the comma-joined records would pass ``:max_bytes`` (the first record always goes), joined
+#: by SQLite. The subquery's ORDER BY keeps it from being flattened into the aggregate, so
+#: ``group_concat`` sees the rows in seq order (SQLite 3.40 has no ORDER BY in aggregates).
+WIRE_BATCH_SQL: Final = f"""
+WITH picked AS (
+    SELECT seq, CAST({WIRE_RECORD_SQL} AS BLOB) AS wire FROM records
+    WHERE seq >= :from_seq ORDER BY seq LIMIT :max_records
+), sized AS (
+    SELECT seq, wire, ROW_NUMBER() OVER win AS n, SUM(length(wire) + 1) OVER win - 1 AS size
+    FROM picked WINDOW win AS (ORDER BY seq ROWS UNBOUNDED PRECEDING)
+)
+SELECT MIN(seq), MAX(seq), COUNT(*), CAST(group_concat(wire, ',') AS BLOB) FROM (
+    SELECT seq, wire FROM sized WHERE n = 1 OR size <= :max_bytes ORDER BY seq
+)
+"""
+
+
+@dataclass(frozen=True)
+class WireBatch:
+    """Records ``first``..``last`` (``count`` of them) in wire form, joined by commas."""
+
+    first: int
+    last: int
+    count: int
+    body: bytes
+
+
+class _WireReader:
+    """The cloud sync's reads, on a read-only connection and a thread of their own: WAL lets
+    them run beside the writer, so a batch read never waits behind appends or ack commits, and
+    SQLite builds the JSON with the GIL released (the event loop keeps its latency)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn: sqlite3.Connection | None = None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmc-journal-sync-read")
+
+    def read(self, from_seq: int, max_records: int, max_bytes: int) -> WireBatch | None:
+        if self.conn is None:
+            self.conn = open_readonly(self.path)
+        row = self.conn.execute(
+            WIRE_BATCH_SQL,
+            {"from_seq": from_seq, "max_records": max_records, "max_bytes": max_bytes},
+        ).fetchone()
+        if row is None or not row[2]:
+            return None
+        return WireBatch(int(row[0]), int(row[1]), int(row[2]), bytes(row[3]))
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 def record_from_row(row: Sequence[Any]) -> Record:
@@ -1159,6 +1223,7 @@ class Journal:
         self._listeners: list[HealthListener] = []
         self._append_listeners: list[Callable[[int], None]] = []
         self._closed = False
+        self._wire_reader: _WireReader | None = None
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -1223,6 +1288,10 @@ class Journal:
         if self._closed:
             return
         self._closed = True
+        reader, self._wire_reader = self._wire_reader, None
+        if reader is not None:  # after its read in progress, if any
+            await asyncio.get_running_loop().run_in_executor(reader.pool, reader.close)
+            reader.pool.shutdown(wait=False)
         self._writer.jobs.put(_STOP)
         try:
             await asyncio.wait_for(asyncio.shield(self._writer.stopped), T_CLOSE_S)
@@ -1447,6 +1516,25 @@ class Journal:
             return [record_from_row(row) for row in rows]
 
         return await self._call(read, write=False)
+
+    async def wire_batch(self, from_seq: int, max_records: int, max_bytes: int) -> WireBatch | None:
+        """The cloud sync's read: records from ``from_seq`` in ascending seq, at most
+        ``max_records`` and at most ``max_bytes`` of comma-joined wire JSON (a first record
+        larger than that comes alone), each exactly ``encode_json(record.to_wire())``. None when
+        there is no such record. SQLite builds the bytes on a read-only connection on a thread
+        of its own (see :class:`_WireReader`); records not yet durable are not seen."""
+        if self._closed:
+            raise JournalClosed("journal is closed")
+        reader = self._wire_reader
+        if reader is None:
+            reader = self._wire_reader = _WireReader(self.path)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                reader.pool, reader.read, from_seq, max_records, max_bytes
+            )
+        except sqlite3.Error as exc:
+            raise JournalUnavailable(f"journal read failed: {exc}") from exc
 
     async def records_for_intent(self, intent_id: str) -> list[Record]:
         """Every retained record naming ``intent_id``, ascending."""
