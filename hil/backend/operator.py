@@ -457,17 +457,32 @@ def _broker(args: argparse.Namespace, state_dir: Path) -> tuple[str, int, str]:
     return host, port, str(prefix)
 
 
+def publish_once(host: str, port: int, topic: str, payload: bytes, timeout_s: float = 10.0) -> None:
+    """Publish one message at QoS 1 and return once the broker has it (PUBACK); a short clean
+    session of its own. Raises OSError when the broker cannot be reached or does not answer."""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="")
+    deadline = time.monotonic() + timeout_s
+    client.connect(host, port, keepalive=max(5, int(timeout_s)))
+    try:
+        info = client.publish(topic, payload, qos=1)
+        while not info.is_published():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no PUBACK from {host}:{port} within {timeout_s:g} s")
+            if client.loop(0.1) not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+                raise ConnectionError(f"the broker at {host}:{port} closed the connection")
+    finally:
+        client.disconnect()
+
+
 def publish(args: argparse.Namespace, operator: Operator, sent: Sent) -> int:
     """Publish a signed command; print it, then its result when it comes within ``--wait``.
     Exit 0 when the machine accepted it (or no result came), 1 when it refused it."""
-    import paho.mqtt.publish as paho_publish
-
     host, port, prefix = _broker(args, operator.state_dir)
     topic = f"{prefix}/{sent.machine}/cmd"
     try:
-        paho_publish.single(
-            topic, json.dumps(sent.envelope), qos=1, hostname=host, port=port, keepalive=10
-        )
+        publish_once(host, port, topic, json.dumps(sent.envelope).encode())
     except OSError as exc:
         print(f"cannot reach the broker at {host}:{port}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
