@@ -13,7 +13,8 @@
 ``--state``, ``--machine``, ``--broker`` and ``--prefix`` go before or after the subcommand
 (``python -m hil.backend --state DIR set-price A1 130``); with no subcommand it is ``serve``
 (``python -m hil.backend --broker HOST:PORT --state DIR``). ``serve`` saves its broker, prefix
-and machine in ``DIR/backend.json``, so the operator's commands need only ``--state``.
+and machine in ``DIR/backend.json``, so the operator's commands need only ``--state`` (and so
+does ``serve`` started again: it takes what it saved unless told otherwise).
 
 Subcommands come from providers: modules with ``add_arguments(subparsers) -> {name:
 handler(args) -> exit code}``. ``PROVIDERS`` lists them; a provider that is not there (yet) is
@@ -34,7 +35,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from hil.backend.commands import save_settings, shared_options, state_dir_of
+from hil.backend.commands import load_settings, save_settings, shared_options, state_dir_of
 from hil.backend.operator import (
     DEFAULT_BROKER,
     DEFAULT_CONFIRM_DELAY_S,
@@ -92,13 +93,13 @@ def add_arguments(subparsers: Any) -> dict[str, Handler]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     state_dir = state_dir_of(args)
-    broker = getattr(args, "broker", None) or DEFAULT_BROKER
-    prefix = getattr(args, "prefix", None) or DEFAULT_PREFIX
-    host, port = split_broker(broker)
+    saved = load_settings(state_dir)  # a restart needs no options again
+    broker = getattr(args, "broker", None) or saved.get("broker") or DEFAULT_BROKER
+    prefix = getattr(args, "prefix", None) or saved.get("prefix") or DEFAULT_PREFIX
+    machine = getattr(args, "machine", None) or saved.get("machine")
+    host, port = split_broker(str(broker))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    save_settings(
-        state_dir, broker=f"{host}:{port}", prefix=prefix, machine=getattr(args, "machine", None)
-    )
+    save_settings(state_dir, broker=f"{host}:{port}", prefix=str(prefix), machine=machine)
     auto = args.confirm_delay if args.auto_confirm else None
     # SIGTERM ends it as Ctrl-C does (scripts/run-sim stops it so).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
