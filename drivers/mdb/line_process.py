@@ -438,6 +438,9 @@ class LineProcessMaster(MdbBus):
     def _fail_all(self, error: DriverError) -> None:
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(error)
+            # Marked as seen: when a stop cancelled the start that awaited it, nobody else will
+            # (asyncio would print "Future exception was never retrieved" at exit).
+            self._ready.exception()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
