@@ -61,6 +61,7 @@ class BackendService:
         self.acks_sent = 0
         #: Ack journal batches (tests switch it off to hold records unacknowledged).
         self.acking = True
+        self._acks_in_flight: set[asyncio.Task[None]] = set()  # held so none is collected
 
     def on(self, suffix: str, handler: Handler) -> None:
         """Call ``handler(machine, payload)`` for each message on ``PREFIX/+/suffix``."""
@@ -144,8 +145,20 @@ class BackendService:
         self.batches += 1
         if not self.acking or outcome.upto < 1:
             return
-        await self.publish_json(machine, "journal/ack", {"journal": journal, "upto": outcome.upto})
+        # Sent without waiting for its PUBACK before the next batch is read: the store is
+        # durable already, and paho sends the acks in the order they were made.
+        ack = self.publish_json(machine, "journal/ack", {"journal": journal, "upto": outcome.upto})
+        task = asyncio.create_task(ack, name="backend-journal-ack")
+        self._acks_in_flight.add(task)
+        task.add_done_callback(self._ack_done)
         self.acks_sent += 1
+
+    def _ack_done(self, task: asyncio.Task[None]) -> None:
+        self._acks_in_flight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The machine resends from its first unacknowledged record: the next batch is
+            # acked with the same or a higher upto.
+            log.warning("backend: journal ack not sent: %s", task.exception())
 
 
 async def serve(
