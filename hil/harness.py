@@ -11,6 +11,12 @@ Two set-ups:
 Output stays in files for a post-mortem: the daemon's stdout and stderr in ``daemon.log`` beside
 its state folder (appended to at every start), the external simulators' in ``mdb-sim.log`` and
 ``motor-sim.log`` in their work folder.
+
+For the cloud link: :func:`cloud_config` writes the daemon's ``[cloud]`` table,
+:class:`BackendProcess` runs the stand-in backend (``python -m hil.backend serve``) as a process
+of the caller that outlives daemon kills (its store and command key in its own folder, its
+output in ``backend.log`` there), and :func:`journal_backlog` reads the journal's id, last seq
+and ``acked_upto`` (read-only, safe while the daemon runs).
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from hil.sim.control import JsonLineClient
+from vmc.journal.reports import backlog
+from vmc.journal.store import database_path, open_readonly
 
 #: Python start-up plus device start-up on a loaded 2-core CI machine.
 START_TIMEOUT_S = 40.0
@@ -83,6 +91,32 @@ def write_config(
         ]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def cloud_config(
+    port: int,
+    public_key: str,
+    settings: Mapping[str, float | int | str | bool] | None = None,
+    *,
+    host: str = "127.0.0.1",
+) -> str:
+    """The ``[cloud]`` table for a broker on ``host:port`` and the backend's command key, plus
+    any other ``cloud.*`` setting (``{"order_ttl_s": 10, "ack_timeout_s": 2.0}``, ...)."""
+    lines = [
+        "[cloud]",
+        "enabled = true",
+        f'host = "{host}"',
+        f"port = {port}",
+        f'command_public_key = "{public_key}"',
+    ]
+    for name, value in (settings or {}).items():
+        if isinstance(value, bool):
+            lines.append(f"{name} = {'true' if value else 'false'}")
+        elif isinstance(value, str):
+            lines.append(f'{name} = "{value}"')
+        else:
+            lines.append(f"{name} = {value}")
+    return "\n".join(lines)
 
 
 def call(path: Path, request: dict[str, Any], timeout_s: float = CALL_TIMEOUT_S) -> dict[str, Any]:
@@ -330,6 +364,97 @@ class Daemon:
         for line in self.log_path.read_text(errors="replace").splitlines():
             with contextlib.suppress(json.JSONDecodeError):
                 yield json.loads(line)
+
+
+class BackendProcess:
+    """The stand-in backend (``python -m hil.backend serve``) as a process of the caller:
+    it outlives daemon kills, stores what the machine syncs in ``workdir/backend.sqlite3`` and
+    keeps its command key there; its output goes to ``workdir/backend.log``. Started, it has
+    subscribed (its persistent session exists at the broker, so nothing the machine publishes
+    afterwards is lost while it is paused or restarting)."""
+
+    def __init__(self, workdir: Path, broker_port: int, host: str = "127.0.0.1") -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.log_path = workdir / "backend.log"
+        self.broker = f"{host}:{broker_port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.paused = False
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        seen = self.log_path.read_bytes().count(b"subscribed at") if self.log_path.exists() else 0
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hil.backend",
+                "serve",
+                "--broker",
+                self.broker,
+                "--state",
+                str(self.workdir),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        proc = self.proc
+
+        def subscribed() -> bool:
+            if proc.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise AssertionError(f"the backend exited with {proc.returncode}:\n{tail}")
+            return self.log_path.read_bytes().count(b"subscribed at") > seen
+
+        try:
+            wait_until(subscribed, START_TIMEOUT_S, "the backend's subscriptions")
+        except BaseException:
+            self.stop()
+            raise
+
+    def pause(self) -> None:
+        """SIGSTOP: batches and results wait at the broker, no ack is sent."""
+        if self.proc is not None and self.proc.poll() is None and not self.paused:
+            self.proc.send_signal(signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.proc is not None and self.paused:
+            self.proc.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.resume()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def journal_backlog(state_dir: Path) -> dict[str, Any]:
+    """``{"journal": J, "last_seq", "acked_upto", "unacked"}`` of the journal in
+    ``state_dir``, read-only (safe while the daemon runs, and after a kill)."""
+    conn = open_readonly(database_path(state_dir))
+    try:
+        journal_id = str(conn.execute("SELECT journal_id FROM state WHERE id = 1").fetchone()[0])
+        found = backlog(conn)
+    finally:
+        conn.close()
+    return {
+        "journal": journal_id,
+        "last_seq": found.acked_upto + found.count,
+        "acked_upto": found.acked_upto,
+        "unacked": found.count,
+    }
 
 
 def journal_records(state_dir: Path) -> list[dict[str, Any]]:
