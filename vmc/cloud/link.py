@@ -357,7 +357,7 @@ class CloudLink:
         self._wait = wait_exponential_jitter(
             initial=RECONNECT_INITIAL_S, max=config.reconnect_max_s, jitter=RECONNECT_JITTER_S
         )
-        self._commands_in: asyncio.Queue[bytes] = asyncio.Queue()
+        self._commands_in: asyncio.Queue[_InboundCommand] = asyncio.Queue()
         #: The protocol of the current (or last) connection: "5" or "3.1.1".
         self.protocol = ""
         #: Connections made by this run (tests and the bench read it).
@@ -550,6 +550,12 @@ class CloudLink:
             **kwargs,
         )
         client._client.connect_timeout = config.connect_timeout_s
+        # A command is acknowledged to the broker (PUBACK) only once the command processor has
+        # made it durable (stored, refused, or recognised as a redelivery): paho's automatic
+        # PUBACK on arrival let a kill in between lose a command for good, never carried out,
+        # never answered, never sent again (found by the crash campaign with --cloud). A
+        # command not acknowledged is sent again by the broker at the next connection.
+        client._client.manual_ack_set(True)
         return client
 
     async def _connect(self) -> tuple[_Client, str]:
@@ -634,12 +640,19 @@ class CloudLink:
             topic = str(message.topic)
             payload = message.payload
             data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
+            if topic == self.topics.cmd and self.commands is not None:
+                # Acknowledged by the worker, once the processor has it durably.
+                self._commands_in.put_nowait(
+                    _InboundCommand(data, client, message.mid, message.qos)
+                )
+                continue
             if topic == self.topics.journal_ack and self.sync is not None:
                 self.sync.ack_received(data)  # the journal commit runs behind
-            elif topic == self.topics.cmd and self.commands is not None:
-                self._commands_in.put_nowait(data)
             else:
                 log.debug("cloud message on an unexpected topic", topic=topic)
+            # A journal ack lost with a kill costs nothing: the machine resends from its first
+            # unacknowledged record and the backend acks again.
+            _puback(client, message.mid, message.qos)
         raise LinkDown("message stream ended")
 
     async def _command_worker(self) -> None:
@@ -647,11 +660,16 @@ class CloudLink:
         a command started is never cut by the link."""
         assert self.commands is not None
         while True:
-            payload = await self._commands_in.get()
+            inbound = await self._commands_in.get()
             try:
-                await self.commands.handle(payload)
+                await self.commands.handle(inbound.payload)
             except Exception:
-                log.exception("command handler failed", payload_bytes=len(payload))
+                # Acknowledged all the same: a command that breaks the handler would otherwise
+                # come back at every connection and break it again.
+                log.exception("command handler failed", payload_bytes=len(inbound.payload))
+            # On the connection it came on; if that one is gone, the broker sends the command
+            # again and the processor answers it as a redelivery (never acted on twice).
+            _puback(inbound.client, inbound.mid, inbound.qos)
 
     async def _publish_results(self, session: Session, sink: CommandSink) -> None:
         while True:
@@ -660,6 +678,20 @@ class CloudLink:
                 await session.publish("cmd/result", encode_payload(result), qos=1)
                 await sink.mark_published(str(result["cmd_id"]))
             await sink.results_changed.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class _InboundCommand:
+    payload: bytes
+    client: aiomqtt.Client
+    mid: int
+    qos: int
+
+
+def _puback(client: aiomqtt.Client, mid: int, qos: int) -> None:
+    """Acknowledge an inbound message (manual acknowledgement: see ``_make_client``)."""
+    with contextlib.suppress(Exception):  # a closed connection: nothing to acknowledge on
+        client._client.ack(mid, qos)
 
 
 async def _until_first_ends(parts: list[Coroutine[Any, Any, None]], stop: asyncio.Event) -> None:
