@@ -372,3 +372,32 @@ def test_a_slot_disabled_in_the_planogram_refuses(tmp_path: Path) -> None:
         assert d.motor_sim("ledger")["turns"] == []
     finally:
         assert d.stop()[0] == 0
+
+
+def test_a_coin_reported_during_a_vend_is_journaled_before_the_change_is_paid(
+    daemon: Daemon,
+) -> None:
+    """Found by the 300-kill campaign's per-record check (seed 20261202): a coin the changer
+    reported while the vend ran was journaled after the change it helped pay (the payout read
+    the tubes with it inside), so by the records a tube went below zero."""
+    daemon.insert_coins(COIN_100, COIN_50)
+    daemon.wait_state(lambda s: s["credit"] == 150, "credit")
+    daemon.motor_sim("fault", row=0, col=0, missed_drops=1)  # two turns: a longer vend
+    daemon.mdb_sim("coin", "fault", batch_items=2)  # the next report is held back ...
+    daemon.insert_coins(COIN_50)
+    answers: list[dict[str, Any]] = []
+    customer = threading.Thread(
+        target=lambda: answers.append(daemon.control({"op": "select", "slot": "A1"}))
+    )
+    customer.start()
+    daemon.wait_state(lambda s: s["phase"] == "vending", "the vend under way")
+    daemon.mdb_sim("coin", "flush")  # ... and reaches the machine in the middle of the vend
+    daemon.mdb_sim("coin", "fault", batch_items=0)
+    customer.join(20)
+    assert answers and answers[0]["ok"] is True, answers
+    daemon.wait_state(lambda s: s["credit"] == 50 and s["phase"] == "idle", "the coin credited")
+    records = [
+        r for r in journal_records(daemon.state_dir) if r["type"] in ("cash_in", "payout_intent")
+    ]
+    kinds = [(r["type"], r["data"].get("amount")) for r in records]
+    assert kinds == [("cash_in", 100), ("cash_in", 50), ("cash_in", 50), ("payout_intent", 50)]

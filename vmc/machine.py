@@ -109,6 +109,9 @@ Work = Callable[[], Awaitable[Any]]
 class _Job:
     work: Work
     done: asyncio.Future[Any] | None = None
+    #: A fact the devices already made true (a coin in a tube, coins out by hand, a bill
+    #: stacked or returned): journaling it decides nothing, so a payout may run it first.
+    fact: bool = False
 
 
 @dataclass
@@ -199,9 +202,9 @@ class VendMachine:
         self._jobs.put_nowait(_Job(work, future))
         return future
 
-    def post(self, work: Work) -> None:
-        """Queue work whose result nobody awaits (device events)."""
-        self._jobs.put_nowait(_Job(work))
+    def post(self, work: Work, *, fact: bool = False) -> None:
+        """Queue work whose result nobody awaits (device events); ``fact``: see ``_Job``."""
+        self._jobs.put_nowait(_Job(work, fact=fact))
 
     async def select(self, slot_id: str) -> dict[str, Any]:
         """A customer's selection: vend it for cash credit, or say why not."""
@@ -266,12 +269,14 @@ class VendMachine:
             await method.tick()
 
     async def absorb_device_events(self) -> None:
-        """Run the device events already queued for the actor (coins reported while it was
-        busy) now, ahead of customer work, which keeps its order."""
+        """Journal the device facts already queued for the actor (coins reported while it was
+        busy) now, before a payout reads the tubes: the records then show every coin in a tube
+        before one paid from it. Everything else (customer work, a lever, a bill to decide on)
+        keeps its place and order."""
         others: list[_Job] = []
         while not self._jobs.empty():
             job = self._jobs.get_nowait()
-            if job.done is None:  # a device event: nobody awaits it
+            if job.fact:
                 await job.work()
             else:
                 others.append(job)
@@ -501,21 +506,21 @@ class VendMachine:
             if event.credited and not event.token and event.value > 0:
                 route = "tubes" if event.route is CoinRoute.TUBES else "cashbox"
                 ct, value = event.coin_type, event.value
-                self.post(lambda: cash.coin_in(ct, value, route))
+                self.post(lambda: cash.coin_in(ct, value, route), fact=True)
         elif isinstance(event, ReturnLeverPressed):
             self.post(lambda: cash.pay_back("lever"))
         elif isinstance(event, CoinsDispensedManually):
             ev = event
-            self.post(lambda: cash.manual_dispense(ev.coin_type, ev.count, ev.value))
+            self.post(lambda: cash.manual_dispense(ev.coin_type, ev.count, ev.value), fact=True)
         elif isinstance(event, BillInEscrow):
             bt, value = event.bill_type, event.value
             self.post(lambda: cash.bill_in_escrow(bt, value))
         elif isinstance(event, BillStacked):
             bt, value = event.bill_type, event.value
-            self.post(lambda: cash.bill_stacked(bt, value))
+            self.post(lambda: cash.bill_stacked(bt, value), fact=True)
         elif isinstance(event, BillReturned):
             bt = event.bill_type
-            self.post(lambda: cash.bill_returned(bt))
+            self.post(lambda: cash.bill_returned(bt), fact=True)
         elif isinstance(event, StateChanged):
             state_event = event
             self.post(lambda: self._device_state(state_event))
