@@ -29,13 +29,6 @@ from tests.mqtt_broker import mosquitto_binary
 KILLS = 12
 #: The cloud seed's run: fewer kills, one of them after a round that outlives an order (~13 s).
 CLOUD_KILLS = 10
-#: A daemon fault the cloud campaign found on 2026-11-30, reported for vmc/cloud (not a fault
-#: of the campaign): a command the daemon's MQTT client had received (and acknowledged to the
-#: broker on receipt) but not yet made durable in its replay cache when it was killed is lost:
-#: never carried out, never answered, never redelivered. Until that is fixed, a cloud run whose
-#: only failures are such commands is an expected failure (its workdir kept); any other failure
-#: fails. The campaign itself (``python -m hil.crash_campaign --cloud``) reports it as a failure.
-KNOWN_DAEMON_FAULT = ": no cmd/result (sent at"
 #: (seed, cloud)
 RUNS = [
     (20261122, False),
@@ -64,11 +57,6 @@ def test_kills_lose_no_money_and_never_vend_twice(tmp_path: Path, seed: int, clo
         raise
     if outcome.failures:
         kept = keep_workdir(workdir, name)
-        if cloud and all(KNOWN_DAEMON_FAULT in f for f in outcome.failures):
-            pytest.xfail(
-                f"seed {seed}: the known daemon fault (commands lost at a kill), workdir kept "
-                f"at {kept}: " + "; ".join(outcome.failures)
-            )
         lines = [f"seed {seed}: {len(outcome.failures)} failures; workdir kept at {kept}"]
         lines += outcome.failures
         lines += [f"{name}: {value}" for name, value in outcome.figures.items()]
