@@ -8,7 +8,7 @@ import contextlib
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -49,18 +49,6 @@ def cloud_config(port: int, **overrides: Any) -> CloudConfig:
         },
     }
     return parse_config(data, Path("/tmp")).cloud
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with Broker(tmp_path / "broker") as running:
-        yield running
-
-
-@pytest.fixture
-def proxy(broker: Broker) -> Iterator[TcpProxy]:
-    with TcpProxy(broker.port) as running:
-        yield running
 
 
 class Observer:

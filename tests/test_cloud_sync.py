@@ -7,7 +7,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +25,6 @@ from vmc.journal import Journal
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 
 WAIT_S = 60.0
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with Broker(tmp_path / "broker") as running:
-        yield running
-
-
-@pytest.fixture
-def proxy(broker: Broker) -> Iterator[TcpProxy]:
-    with TcpProxy(broker.port) as running:
-        yield running
 
 
 @pytest.fixture
