@@ -15,7 +15,7 @@ on 400 cells, not 2000).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import reduce
 from math import gcd
 
@@ -138,3 +138,15 @@ def can_pay_all_up_to(limit: int, tubes: Tubes, step: int | None = None) -> bool
     if step <= 0:
         return False
     return max_exact_change(tubes, limit, step) >= limit - limit % step
+
+
+def coins_within(
+    coins: Mapping[int, int], limit: int, value_of: Callable[[int], int]
+) -> dict[int, int]:
+    """The coins of ``coins`` (type -> count) worth at most ``limit``, dropping the largest
+    first: what a payout may record when more was counted than it may have paid."""
+    kept = dict(coins)
+    for coin_type in sorted(kept, key=value_of, reverse=True):
+        while kept[coin_type] > 0 and sum(value_of(t) * n for t, n in kept.items()) > limit:
+            kept[coin_type] -= 1
+    return {t: n for t, n in kept.items() if n > 0}

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from drivers.errors import MdbError
+from drivers.mdb.change import coins_within
 from drivers.mdb.commands import (
     ACK_ONLY,
     CommandDef,
@@ -1035,13 +1036,7 @@ class CoinChanger(MdbDevice):
                 if pending.commanded.get(t, 0) > 0
             }
         else:
-            # Drop the largest coins first until the value fits what PAYOUT asked for.
-            for t in sorted(bounded, key=setup.value_of, reverse=True):
-                while bounded[t] > 0 and (
-                    sum(setup.value_of(c) * n for c, n in bounded.items()) > pending.requested
-                ):
-                    bounded[t] -= 1
-            bounded = {t: n for t, n in bounded.items() if n > 0}
+            bounded = coins_within(counts, pending.requested, setup.value_of)
         if bounded != counts:
             log.error(
                 "coin: payout counted %s, more than commanded (%s, %d minor units); "

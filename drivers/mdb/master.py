@@ -70,11 +70,6 @@ DEFAULT_MAX_ATTEMPTS = 3
 #: Longest drain after a timed-out attempt, in first-word timeouts (a peripheral still
 #: sending a long late reply at 9600 baud needs up to 36 word times).
 MAX_DRAIN_FACTOR = 8
-#: mdb.md "Wire": after a time-out the line must fall silent before the next command. Silent
-#: for a whole response window (t-response 5 ms + one word + slack): a peripheral that
-#: answers late starts its reply within it, and its bytes are dropped instead of being read
-#: as the answer to the next command (or to another device's).
-QUIET_AFTER_TIMEOUT_WINDOWS = 1.0
 #: Upper bound for one request from submission to result: queueing behind other devices'
 #: exchanges plus every attempt's timeouts. Only a dead line thread can reach it.
 REQUEST_DEADLINE_S = 2.0
@@ -460,7 +455,11 @@ class BusMaster(MdbBus):
 
     @property
     def _quiet_after_timeout_s(self) -> float:
-        return self.timing.first_word_s * QUIET_AFTER_TIMEOUT_WINDOWS
+        """mdb.md "Wire": after a time-out the line must fall silent before the next command.
+        Silent for a whole response window (t-response 5 ms + one word + slack): a peripheral
+        that answers late starts its reply within it, and its bytes are dropped instead of
+        being read as the answer to the next command (or to another device's)."""
+        return self.timing.first_word_s
 
     def _after_retransmission(self, attempt: int) -> None:
         """After an answer to a retransmitted command: the answer taken may have been the

@@ -30,14 +30,14 @@ Policies:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from drivers.errors import MdbError
-from drivers.mdb.change import can_pay_all_up_to, plan_change
+from drivers.mdb.change import can_pay_all_up_to, coins_within, plan_change
 from vmc.cash import BillPort, ChangerPort
 from vmc.payments.base import Payment, Phase, Refusal
 
@@ -400,7 +400,7 @@ class CashPayments:
         value = sum(n * self.changer.coin_value(t) for t, n in paid.items())
         room = payout.amount - payout.recorded
         if value > room:
-            kept = _coins_within(paid, room, self.changer.coin_value)
+            kept = coins_within(paid, room, self.changer.coin_value)
             log.error(
                 "payout counted more than its intent; recording what fits",
                 intent_id=payout.intent_id,
@@ -454,17 +454,6 @@ class CashPayments:
             self.machine.set_fault("coin", None)
         else:
             self.machine.set_fault("coin", f"coin changer {state}")
-
-
-def _coins_within(
-    coins: Mapping[int, int], limit: int, value_of: Callable[[int], int]
-) -> dict[int, int]:
-    """The coins of ``coins`` worth at most ``limit``, dropping the largest first."""
-    kept = dict(coins)
-    for coin_type in sorted(kept, key=value_of, reverse=True):
-        while kept[coin_type] > 0 and sum(value_of(t) * n for t, n in kept.items()) > limit:
-            kept[coin_type] -= 1
-    return {t: n for t, n in kept.items() if n > 0}
 
 
 def _new_id() -> str:
