@@ -203,6 +203,8 @@ def test_every_record_type_has_a_schema_and_known_deltas() -> None:
         "door",
         "security",
         "recovery",
+        "cash_removed",
+        "motor_test",
     } == set(RECORD_TYPES)
 
 

@@ -774,6 +774,39 @@ class CloudConfig(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ConsoleConfig(_Section):
+    """``[console]``: the technician console (docs/console.md). ``port`` absent or ``""``: no
+    serial console (``vmc console`` in a terminal still works with ``pin_hash``)."""
+
+    DESCRIPTION: ClassVar[str] = "console settings"
+
+    port: str | None = field(default=None, metadata=_spec(_SerialPort()))
+    baud: int = field(default=115200, metadata=_spec(_Integer(1200, 4_000_000)))
+    # ``vmc console hash-pin`` prints it; "" = nobody can log in.
+    pin_hash: str = field(
+        default="",
+        metadata=_spec(
+            _Pattern(
+                r"(scrypt:[0-9]{1,7}:[0-9]{1,2}:[0-9]{1,2}:[0-9a-f]{32}:[0-9a-f]{64})?",
+                'the output of "vmc console hash-pin", or "" for no login',
+            ),
+            secret=True,
+        ),
+    )
+    # The name journaled as the source of what the technician does (source "console").
+    user: str = field(
+        default="technician",
+        metadata=_spec(_Pattern(r"[A-Za-z0-9_.-]{1,32}", "1 to 32 letters, digits, '_.-'")),
+    )
+    idle_logout_s: float = field(default=300.0, metadata=_spec(_Number(1, 86400)))
+    # Wrong PINs in a row before the console locks; each lockout after that doubles, up to
+    # lockout_max_s.
+    max_failures: int = field(default=3, metadata=_spec(_Integer(1, 20)))
+    lockout_s: float = field(default=30.0, metadata=_spec(_Number(0.1, 3600)))
+    lockout_max_s: float = field(default=900.0, metadata=_spec(_Number(0.1, 86400)))
+
+
+@dataclass(frozen=True, kw_only=True)
 class SlotConfig(_Section):
     """``[[slot]]``: one product position in the motor matrix and its initial stock."""
 
@@ -815,6 +848,7 @@ class Config(_Section):
     control: ControlConfig = field(metadata=_spec(_Table(ControlConfig, when_absent={})))
     journal: JournalConfig = field(metadata=_spec(_Table(JournalConfig, when_absent={})))
     cloud: CloudConfig = field(metadata=_spec(_Table(CloudConfig, when_absent={})))
+    console: ConsoleConfig = field(metadata=_spec(_Table(ConsoleConfig, when_absent={})))
     slots: tuple[SlotConfig, ...] = field(metadata=_spec(_TableArray(SlotConfig), key="slot"))
 
     def _finish(self, key: str) -> None:

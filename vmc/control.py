@@ -40,6 +40,7 @@ import structlog
 
 from vmc.machine import VendMachine
 from vmc.payments.qr import QrPayments
+from vmc.technician import Technician
 
 log = structlog.get_logger("vmc.control")
 
@@ -70,9 +71,12 @@ class ControlServer:
         machine: VendMachine,
         *,
         extra_state: Callable[[], Mapping[str, Any]] | None = None,
+        technician: Technician | None = None,
     ) -> None:
         self.path = path
         self.machine = machine
+        #: The technician's ops (vmc/technician.py), when the daemon set them up.
+        self.technician = technician
         self._extra_state = extra_state
         self._server: asyncio.AbstractServer | None = None
         self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
@@ -194,12 +198,29 @@ class ControlServer:
             return _error("bad_request", f"not JSON: {exc}"), False
         if not isinstance(request, dict):
             return _error("bad_request", "a request is a JSON object"), False
+        return await self.handle(request)
+
+    async def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request answered in-process, as over the socket (the in-daemon serial console);
+        ``subscribe`` is not available this way."""
+        if request.get("op") == "subscribe":
+            return _error("bad_request", "subscribe needs a socket connection")
+        answer, _subscribe = await self.handle(request)
+        return answer
+
+    async def handle(self, request: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """The answer to one request object, and whether the client now subscribes."""
         op = request.get("op")
         machine = self.machine
         if op == "ping":
             return {"ok": True}, False
         if op == "state":
             return {"ok": True, "state": self.state()}, False
+        if self.technician is not None and op in Technician.OPS:
+            if self._refusing is not None:
+                return _error("closing", self._refusing), False
+            answer = await self._unless_closing(self.technician.handle(op, request))
+            return answer if answer is not None else _error("closing", CLOSING_UNFINISHED), False
         if op not in ("subscribe", "select", "cancel", *QR_OPS):
             return _error("bad_request", f"unknown op {op!r}"), False
         if self._refusing is not None:

@@ -54,12 +54,14 @@ from vmc.cloud.link import CloudLink, LinkState, LinkStatus, software_version
 from vmc.cloud.sync import JournalSync
 from vmc.cloud.telemetry import Telemetry, build_telemetry
 from vmc.config import Config
+from vmc.console.serial import SerialConsole
 from vmc.control import ControlServer
 from vmc.errors import VmcError
 from vmc.journal import Journal, JournalCorrupt
 from vmc.journal.recovery import DeviceFacts, stock_levels
 from vmc.machine import MDB_LINK_FAULT, STOPPING_FAULT, VendMachine
 from vmc.payments.qr import QrPayments
+from vmc.technician import Technician
 
 log = structlog.get_logger("vmc.daemon")
 
@@ -512,10 +514,19 @@ class Daemon:
         if self.mdb_link is not None and self.mdb_link["state"] == "down":
             machine.set_fault(MDB_LINK_FAULT, f"MDB link down: {self.mdb_link['detail']}")
         self._vend_task = self.spawn("vend-cycle", machine.run())
+        technician = Technician(self.config, machine, self.devices, cloud=lambda: self.cloud)
         self.control = ControlServer(
-            Path(self.config.control.socket), machine, extra_state=self._control_state
+            Path(self.config.control.socket),
+            machine,
+            extra_state=self._control_state,
+            technician=technician,
         )
         await self.control.start()
+        if self.config.console.port is not None:
+            # The serial console calls the control ops in-process (vmc/console/serial.py).
+            self.spawn(
+                "console-serial", SerialConsole(self.config.console, self.control.call).run()
+            )
         facts = await self._device_facts()
         await machine.submit(lambda: machine.recover(facts))
         self.spawn("journal-prune", self._prune_daily())

@@ -368,6 +368,8 @@ class VendMachine:
             raise Refusal("busy", "a vend or payout is in progress")
         if self.cash.unsettled is not None:
             raise Refusal("busy", "the last payout is being checked; please wait")
+        if self.cash.fill_mode:
+            raise Refusal("busy", "a technician is filling the coin tubes")
         if not slot.in_sale:
             raise Refusal("slot_disabled", f"slot {slot_id} is out of sale")
         if slot.stock <= 0:

@@ -212,6 +212,13 @@ class MdbDevice(abc.ABC):
         """Ask for accepting on/off; applied by the supervisor loop at its next turn."""
         self.enabled_wanted = enabled
 
+    def request_reset(self, why: str) -> None:
+        """Start the device up again (RESET and its start-up sequence) at the supervisor's next
+        turn, as after a JUST RESET: a technician's reset. The caller decides when that is
+        safe (no payout or escrow in progress)."""
+        if self.state in (DeviceState.READY, DeviceState.FAULT):
+            self._set_state(DeviceState.STARTING, why)
+
     def _set_state(self, state: DeviceState, detail: str = "") -> None:
         if state is self.state:
             return

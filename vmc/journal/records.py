@@ -291,6 +291,9 @@ SCHEMAS: Final[dict[str, _Spec]] = {
         "coin_type": (_device_type, False),
         "bill_type": (_device_type, False),
         "intent_id": (_ident, False),
+        # A coin a technician put in to fill the tubes (the console's fill mode): in the tubes
+        # or the cashbox like any coin, but not the customer's credit (``cash_in.fill.value``).
+        "fill": (_boolean, False),
     },
     "cash_out": {
         "amount": (_money, True),
@@ -401,6 +404,23 @@ SCHEMAS: Final[dict[str, _Spec]] = {
         "cmd_id": (_ident, False),
     },
     "recovery": {"intent_id": (_ident, True), "resolution": (_text, True), "detail": (_text, True)},
+    # A technician emptied the bill stacker (the console's ``bills empty``): ``count`` bills
+    # worth ``value`` left the machine (the journal's own count and value since the last
+    # emptying); ``device_count`` is what the validator's STACKER said, when it answered.
+    "cash_removed": {
+        "device": (_one_of("bill"), True),
+        "count": (_count, True),
+        "value": (_money, True),
+        "device_count": (_optional(_count), False),
+    },
+    # A motor test from the console (no money): the slot, what the motor board reported, and
+    # whether a product dropped (then an ``inventory_changed`` record takes it off the stock).
+    "motor_test": {
+        "slot": (_slot, True),
+        "outcome": (_text, True),
+        "dropped": (_boolean, True),
+        "detail": (_text, False),
+    },
 }
 
 RECORD_TYPES: Final = frozenset(SCHEMAS)
@@ -550,6 +570,9 @@ def counter_deltas(record: Record) -> dict[str, int]:
             _add(deltas, "cash_in.value", amount)
             _add(deltas, f"cash_in.{device}.{route}.count", 1)
             _add(deltas, f"cash_in.{device}.{route}.value", amount)
+            if data.get("fill") is True:
+                _add(deltas, "cash_in.fill.count", 1)
+                _add(deltas, "cash_in.fill.value", amount)
         case "cash_out":
             _add(deltas, "cash_out.count", 1)
             _add(deltas, "cash_out.value", data["amount"])
@@ -584,6 +607,11 @@ def counter_deltas(record: Record) -> dict[str, int]:
             _add(deltas, "door.opened.count", 1 if data["open"] else 0)
         case "security":
             _add(deltas, "security.count", 1)
+        case "cash_removed":
+            _add(deltas, f"cash_removed.{data['device']}.count", data["count"])
+            _add(deltas, f"cash_removed.{data['device']}.value", data["value"])
+        case "motor_test":
+            _add(deltas, "motor_test.count", 1)
         case "recovery":
             _add(deltas, "recovery.count", 1)
         case _:
@@ -620,6 +648,8 @@ def level_deltas(record: Record) -> dict[str, int]:
             _add(deltas, OPEN_ORDERS_LEVEL, 1 if data["state"] == "created" else -1)
         case "inventory_changed":
             _add(deltas, f"stock.{data['slot']}.count", data["new"] - data["old"])
+        case "cash_removed":
+            _add(deltas, STACKER_LEVEL, -data["count"])
         case "price_changed":
             _add(deltas, price_level_name(data["slot"]), data["new"] - data["old"])
         case "slot_changed":

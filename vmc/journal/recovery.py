@@ -61,11 +61,13 @@ def customer_credit(counters: Mapping[str, int]) -> int:
     """The customer's credit the journal holds: money taken in, less cash sales, less what was
     paid back to customers (change, refunds, the return lever). Operator payouts (``manual``) are
     not customer money. ``credit`` records do not count: they state that part of this balance was
-    offered again after a restart; the balance already holds it because no sale was recorded."""
+    offered again after a restart; the balance already holds it because no sale was recorded.
+    Coins a technician put in to fill the tubes (``fill``) are not customer money either."""
     paid_back = sum(
         counters.get(f"cash_out.{reason}.value", 0) for reason in ("change", "refund", "lever")
     )
-    return counters.get("cash_in.value", 0) - counters.get("sales.method.cash.value", 0) - paid_back
+    taken = counters.get("cash_in.value", 0) - counters.get("cash_in.fill.value", 0)
+    return taken - counters.get("sales.method.cash.value", 0) - paid_back
 
 
 def stock_levels(levels: Mapping[str, int]) -> dict[str, int]:

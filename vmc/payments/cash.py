@@ -109,6 +109,9 @@ class CashPayments:
         self.escrow_intent: tuple[str, int, int] | None = None  # (intent_id, bill_type, value)
         self.unsettled: OpenPayout | None = None  # a payout whose outcome is not known yet
         self.open_payout: OpenPayout | None = None  # the payout being paid now
+        #: A technician fills the tubes by hand (the console's ``fill on``): coins are journaled
+        #: as a fill, not credited; bills are returned; nothing is sold.
+        self.fill_mode = False
 
     # --- state -------------------------------------------------------------------------------
 
@@ -196,10 +199,18 @@ class CashPayments:
 
     async def coin_in(self, coin_type: int, value: int, route: str) -> None:
         """A coin the changer took (it is already in a tube or the cashbox)."""
-        await self.journal.append(
-            "cash_in",
-            {"amount": value, "device": "coin", "route": route, "coin_type": coin_type},
-        )
+        data: dict[str, Any] = {
+            "amount": value,
+            "device": "coin",
+            "route": route,
+            "coin_type": coin_type,
+        }
+        if self.fill_mode:
+            data["fill"] = True
+            await self.journal.append("cash_in", data)
+            self.machine.publish("cash_in", device="coin", amount=value, route=route, fill=True)
+            return
+        await self.journal.append("cash_in", data)
         self.machine.touch()
         self.set_credit(self.credit + value)
         self.machine.publish("cash_in", device="coin", amount=value, route=route)
@@ -214,6 +225,7 @@ class CashPayments:
             machine.accepting_money()
             and machine.phase is Phase.IDLE
             and not machine.sessions
+            and not self.fill_mode
             and with_bill <= self.config.vend.max_credit
             and self._sale_possible_with(with_bill)
         )
