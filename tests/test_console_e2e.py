@@ -227,7 +227,9 @@ def test_lockout_after_three_wrong_pins_grows(machine: tuple[Daemon, PtyLine]) -
     wait_until(lambda: _lockout_passed(daemon), 10.0, "the second lockout over")
     log_in(line)
     log_out(line)
-    lockouts = [r["data"]["detail"] for r in security(daemon) if r["data"]["what"] == "console_lockout"]
+    lockouts = [
+        r["data"]["detail"] for r in security(daemon) if r["data"]["what"] == "console_lockout"
+    ]
     assert [d.rsplit(" for ", 1)[1] for d in lockouts] == ["0.5 s", "1 s"]
 
 

@@ -266,6 +266,11 @@ class Technician:
             if on and not cash.fill_mode:
                 self._changer()
                 self._require_idle("fill the tubes")
+            if not on and cash.fill_mode and cash.changer is not None and cash.changer.ready:
+                # Coins the changer took before fill mode ends are still fill coins: acceptance
+                # off on the wire, every coin it reported journaled, then credit counts again.
+                await cash.changer.stop_accepting()
+                await self.machine.absorb_device_events()
             cash.fill_mode = on
             self.machine.update_acceptance()
             self.machine.publish("fill_mode", on=on)

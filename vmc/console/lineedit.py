@@ -100,13 +100,11 @@ class LineEditor:
         return CRLF + shown.encode() + CRLF + self.prompt.encode() + self.text.encode()
 
     def _extend_to(self, text: str) -> bytes:
-        if not text.startswith(self.text):
-            erased = RUB_OUT * len(self.text)
-            self.text = text
-            return erased + text.encode()
-        added = text[len(self.text) :]
+        """Replace the line by ``text``, rubbing out only what differs (``b`` → ``B1``)."""
+        kept = len(_common_prefix([self.text, text]))
+        out = RUB_OUT * (len(self.text) - kept) + text[kept:].encode()
         self.text = text
-        return added.encode()
+        return out
 
 
 def _common_prefix(texts: Sequence[str]) -> str:
