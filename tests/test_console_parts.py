@@ -189,9 +189,9 @@ def test_console_table_is_optional_and_checked() -> None:
     )
     assert (config.console.port, config.console.baud) == ("/dev/ttyGS0", 115200)
     assert config.redacted()["console"]["pin_hash"] == "***"
-    with pytest.raises(ConfigError, match="console.pin_hash: expected the output of"):
+    with pytest.raises(ConfigError, match=r"console\.pin_hash: expected the output of"):
         parse_config({**base, "console": {"pin_hash": "4711"}}, Path("/srv"))
-    with pytest.raises(ConfigError, match="console.idle_logout_s"):
+    with pytest.raises(ConfigError, match=r"console\.idle_logout_s"):
         parse_config({**base, "console": {"idle_logout_s": 0}}, Path("/srv"))
 
 
