@@ -105,6 +105,11 @@ def test_backspace_ctrl_u_and_ctrl_c_edit_the_line(machine: tuple[Daemon, PtyLin
     assert "unknown command" not in out
     line.type("faultz\x08s\r")  # BS works too
     assert "faults: none" in line.expect("vmc> ")
+    line.type("devices\r")
+    devices = line.expect("vmc> ")
+    assert "coin: ready  level 3" in devices and "bill: ready  level 2" in devices
+    line.type("coins\r")
+    assert "fill mode: off" in line.expect("vmc> ")
     log_out(line)
 
 

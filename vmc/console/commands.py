@@ -100,7 +100,9 @@ def _show_status(answer: Answer, ctx: Context) -> str:
     ]
     mdb, cloud = s.get("mdb_link"), s.get("cloud_link")
     lines.append(f"mdb link: {mdb['state']} ({mdb['detail']})" if mdb else "mdb link: none")
-    lines.append(f"cloud link: {cloud['state']} ({cloud['detail']})" if cloud else "cloud: none")
+    lines.append(
+        f"cloud link: {cloud['state']} ({cloud['detail']})" if cloud else "cloud link: none"
+    )
     if "qr" in s:
         lines.append(f"qr: {'offered' if s['qr'].get('available') else 'not offered'}")
     lines.append(_show_slots(answer, ctx))
@@ -172,6 +174,21 @@ def _show_emptied(answer: Answer, ctx: Context) -> str:
 def _show_slot(answer: Answer, ctx: Context) -> str:
     sale = "in sale" if answer["enabled"] else "out of sale"
     return f"{answer['slot']}: price {ctx.money(answer['price'])}, stock {answer['stock']}, {sale}"
+
+
+def _show_motor(answer: Answer, _ctx: Context) -> str:
+    dropped = "a product dropped" if answer["dropped"] else "nothing dropped"
+    return (
+        f"{answer['slot']}: {answer['outcome']}, {dropped} ({answer['detail']}); "
+        f"stock {answer['stock']}"
+    )
+
+
+def _show_payout(answer: Answer, ctx: Context) -> str:
+    return (
+        f"paid {answer['paid']} of {answer['wanted']} coins of type {answer['coin_type']}: "
+        f"{ctx.money(answer['value'])}"
+    )
 
 
 def _show_tail(answer: Answer, _ctx: Context) -> str:
@@ -318,7 +335,7 @@ COMMANDS: tuple[Command, ...] = (
         ("TYPE", "COUNT"),
         "pay COUNT coins of coin TYPE out of its tube",
         _build_payout,
-        _json,
+        _show_payout,
     ),
     Command(
         ("bills",),
@@ -339,7 +356,7 @@ COMMANDS: tuple[Command, ...] = (
         ("SLOT",),
         "turn a slot's motor once (no money; a drop takes one off the stock)",
         _build_slot_op("motor_test", "motor test SLOT"),
-        _json,
+        _show_motor,
     ),
     Command(
         ("price",),
