@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from hil.harness import Daemon, journal_records, write_config
+from hil.harness import Daemon, journal_records, wait_until, write_config
 from vmc.console.auth import hash_pin
 
 pytestmark = pytest.mark.slow
@@ -19,13 +19,15 @@ pytestmark = pytest.mark.slow
 COIN_50, COIN_100 = 3, 4
 BILL_500 = 0
 CONSOLE = {"user": "tech7"}
+#: ``console.idle_logout_s`` here: fill mode ends by itself after this long without a coin.
+FILL_TIMEOUT_S = 2
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     tmp = tmp_path_factory.mktemp("technician")
     state = tmp / "state"
-    extra = f'[console]\npin_hash = "{hash_pin("4711")}"'
+    extra = f'[console]\npin_hash = "{hash_pin("4711")}"\nidle_logout_s = {FILL_TIMEOUT_S}'
     d = Daemon(write_config(tmp / "vmc.toml", state, extra=extra), state)
     d.start()
     try:
@@ -77,11 +79,30 @@ def test_fill_mode_puts_coins_in_the_tubes_without_credit(daemon: Daemon) -> Non
     # Turned off at once: coins the changer took are fill coins even if not yet reported.
     assert op(daemon, "coin_fill", on=False)["fill_mode"] is False
     assert daemon.state()["state"]["credit"] == 0
+    assert daemon.control({"op": "select", "slot": "A1"})["error"] == "insufficient_credit"
     fills = [r for r in journal_records(daemon.state_dir) if r["type"] == "cash_in"]
     assert [(r["data"]["coin_type"], r["data"].get("fill")) for r in fills] == [
         (COIN_50, True),
         (COIN_50, True),
     ]
+
+
+def test_fill_mode_left_on_ends_by_itself_and_at_logout(daemon: Daemon) -> None:
+    # The technician walked away (a dropped line, a killed terminal): customer coins must not
+    # go on into the tubes uncredited.
+    assert op(daemon, "coin_fill", on=True)["fill_mode"] is True
+    # Watched in the log, not with the coins op: ops run on the vend cycle's actor, whose
+    # timer ticks only when no job came for its tick interval.
+    ended = "fill mode ended: no fill coin for the console's idle time"
+    wait_until(
+        lambda: any(line.get("event") == ended for line in daemon.log_lines()),
+        FILL_TIMEOUT_S + 10.0,
+        "fill mode off after the idle time",
+    )
+    assert op(daemon, "coins")["fill_mode"] is False
+    assert op(daemon, "coin_fill", on=True)["fill_mode"] is True
+    assert op(daemon, "console_logout", reason="logout", line="rig")["ok"]
+    assert op(daemon, "coins")["fill_mode"] is False
 
 
 def test_payout_of_a_tube_is_journaled_as_manual_and_refused_with_credit(daemon: Daemon) -> None:

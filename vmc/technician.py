@@ -99,6 +99,8 @@ class Technician:
             lockout_s=console.lockout_s,
             lockout_max_s=console.lockout_max_s,
         )
+        #: The lockout (its end) whose refused tries were journaled already.
+        self._locked_noted = 0.0
 
     async def handle(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
         """Answer one technician op (``op`` is one of ``OPS``)."""
@@ -123,7 +125,11 @@ class Technician:
             return _error("no_pin", "no console.pin_hash is configured: nobody can log in")
         refused = self.guard.before_check()
         if refused is not None:
-            await self._security("console_login_locked", f"{line}: locked", source)
+            # One record per lockout: tries sent while locked (a script on the line) must not
+            # fill the journal; the lockout itself bounds the wrong PINs that are checked.
+            if self._locked_noted != self.guard.locked_until:
+                self._locked_noted = self.guard.locked_until
+                await self._security("console_login_locked", f"{line}: tried while locked", source)
             return {
                 **_error("locked", "the console is locked"),
                 "retry_after_s": refused.retry_after_s,
@@ -151,6 +157,9 @@ class Technician:
     ) -> dict[str, Any]:
         reason = _text(request, "reason", 60)
         await self._security("console_logout", f"{_line(request)}: {reason}", source)
+        cash = self.machine.cash
+        if cash.fill_mode:  # nobody is filling the tubes any more
+            await self._in_actor(lambda: cash.set_fill_mode(False))
         return {"ok": True}
 
     async def _op_console_status(
@@ -266,15 +275,7 @@ class Technician:
             if on and not cash.fill_mode:
                 self._changer()
                 self._require_idle("fill the tubes")
-            if not on and cash.fill_mode and cash.changer is not None and cash.changer.ready:
-                # Coins the changer took before fill mode ends are still fill coins: acceptance
-                # off on the wire, every coin it reported journaled, then credit counts again.
-                await cash.changer.stop_accepting()
-                await self.machine.absorb_device_events()
-            cash.fill_mode = on
-            self.machine.update_acceptance()
-            self.machine.publish("fill_mode", on=on)
-            log.info("coin fill mode", on=on)
+            await cash.set_fill_mode(on)
             return {"ok": True, "fill_mode": on}
 
         return await self._in_actor(switch)

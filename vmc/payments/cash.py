@@ -208,6 +208,7 @@ class CashPayments:
         if self.fill_mode:
             data["fill"] = True
             await self.journal.append("cash_in", data)
+            self.machine.touch()  # the technician is still at it
             self.machine.publish("cash_in", device="coin", amount=value, route=route, fill=True)
             return
         await self.journal.append("cash_in", data)
@@ -272,6 +273,20 @@ class CashPayments:
             self.machine.publish("bill_returned", amount=pending[2])
         self.machine.update_acceptance()
 
+    async def set_fill_mode(self, on: bool) -> None:
+        """Fill mode on or off (run by the actor). Off: coins the changer took before are still
+        fill coins, so coin acceptance goes off on the wire and every coin it still reports is
+        journaled first; then credit counts again."""
+        if not on and self.fill_mode and self.changer is not None and self.changer.ready:
+            await self.changer.stop_accepting()
+            await self.machine.absorb_device_events()
+        if on != self.fill_mode:
+            self.fill_mode = on
+            self.machine.touch()  # the fill-mode timeout counts from now
+            self.machine.publish("fill_mode", on=on)
+            log.info("coin fill mode", on=on)
+        self.machine.update_acceptance()
+
     async def manual_dispense(self, coin_type: int, count: int, value: int) -> None:
         """A technician pressed the changer's own dispense button: not customer money."""
         await self.journal.append(
@@ -306,6 +321,11 @@ class CashPayments:
         timeout (``idle_s``: seconds since the last customer activity)."""
         if self.unsettled is not None:
             await self.settle_payout()
+        if self.fill_mode and idle_s > self.config.console.idle_logout_s:
+            # A technician who left (a dropped line, a killed terminal) must not leave customer
+            # coins going into the tubes uncredited.
+            log.warning("fill mode ended: no fill coin for the console's idle time")
+            await self.set_fill_mode(False)
         timeout = self.config.vend.credit_timeout_s
         if (
             timeout
