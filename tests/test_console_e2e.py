@@ -110,6 +110,8 @@ def test_backspace_ctrl_u_and_ctrl_c_edit_the_line(machine: tuple[Daemon, PtyLin
     assert "coin: ready  level 3" in devices and "bill: ready  level 2" in devices
     line.type("coins\r")
     assert "fill mode: off" in line.expect("vmc> ")
+    line.type("qr A1\r")  # this machine has no cloud link: no QR payment
+    assert "refused: qr_unavailable" in line.expect("vmc> ")
     log_out(line)
 
 
@@ -274,3 +276,15 @@ def test_terminal_console_over_the_control_socket(
             proc.wait()
         terminal.close()
     assert security(daemon)[-1]["data"]["detail"] == "terminal: logout"
+
+
+def test_terminal_console_without_a_daemon_says_so(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "vmc.toml", tmp_path / "state")
+    done = subprocess.run(
+        [sys.executable, "-m", "vmc", "console", "--config", str(config)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert b"vmc console:" in done.stdout and b"PIN" not in done.stdout

@@ -205,7 +205,11 @@ class ControlServer:
         ``subscribe`` is not available this way."""
         if request.get("op") == "subscribe":
             return _error("bad_request", "subscribe needs a socket connection")
-        answer, _subscribe = await self.handle(request)
+        try:
+            answer, _subscribe = await self.handle(request)
+        except Exception as exc:  # as on the socket: a bug answers, it does not stop the caller
+            log.exception("control request failed", request=str(request.get("op"))[:50])
+            return _error("internal", f"{type(exc).__name__}: {exc}")
         return answer
 
     async def handle(self, request: dict[str, Any]) -> tuple[dict[str, Any], bool]:

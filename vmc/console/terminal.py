@@ -74,9 +74,11 @@ async def run_terminal(config: Config) -> int:
         _Stdio(reader), caller, line="terminal", idle_logout_s=config.console.idle_logout_s
     )
     try:
+        await caller({"op": "ping"})  # is the daemon there, before the PIN is asked
         ended = await session.run()
     except (OSError, ConnectionError) as exc:
-        os.write(sys.stdout.fileno(), f"\r\nvmc console: {exc}\r\n".encode())
+        why = f"vmc console: cannot reach the daemon at {caller.path}: {exc}"
+        os.write(sys.stdout.fileno(), f"\r\n{why}\r\n".encode())
         return 1
     finally:
         caller.close()
