@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -25,16 +24,17 @@ from drivers.errors import MdbError, MotorError
 from drivers.mdb.bill import BillValidator
 from drivers.mdb.coin import CoinChanger
 from drivers.mdb.device import DeviceState, MdbDevice
-from vmc.cash import PayoutOutcomeUnknown
 from vmc.cloud.link import CloudLink
 from vmc.config import Config
-from vmc.console.auth import PinError, PinGuard, verify_pin
+from vmc.console.auth import PinGuard
+from vmc.console.login import ConsoleLogin
 from vmc.journal import Source
 from vmc.journal.records import console_source
 from vmc.journal.reports import build_report, format_report
 from vmc.journal.store import database_path, open_readonly
 from vmc.machine import VendMachine
 from vmc.payments.base import Phase, Refusal
+from vmc.payments.manual import pay_out_tube, stacker_position
 from vmc.planogram import SlotChange
 
 log = structlog.get_logger("vmc.technician")
@@ -92,15 +92,7 @@ class Technician:
         self.journal = machine.journal
         self.devices = devices
         self._cloud = cloud
-        console = config.console
-        self.guard = guard or PinGuard(
-            console.pin_hash,
-            max_failures=console.max_failures,
-            lockout_s=console.lockout_s,
-            lockout_max_s=console.lockout_max_s,
-        )
-        #: The lockout (its end) whose refused tries were journaled already.
-        self._locked_noted = 0.0
+        self.login = ConsoleLogin(config.console, machine.journal, guard=guard)
 
     async def handle(self, op: str, request: Mapping[str, Any]) -> dict[str, Any]:
         """Answer one technician op (``op`` is one of ``OPS``)."""
@@ -116,47 +108,17 @@ class Technician:
         except _BadRequest as exc:
             return _error("bad_request", str(exc))
 
-    # --- login -----------------------------------------------------------------------------
+    # --- login (vmc/console/login.py) -------------------------------------------------------
 
     async def _op_console_login(self, request: Mapping[str, Any], source: Source) -> dict[str, Any]:
         pin = _text(request, "pin", 64)
-        line = _line(request)
-        if not self.config.console.pin_hash:
-            return _error("no_pin", "no console.pin_hash is configured: nobody can log in")
-        refused = self.guard.before_check()
-        if refused is not None:
-            # One record per lockout: tries sent while locked (a script on the line) must not
-            # fill the journal; the lockout itself bounds the wrong PINs that are checked.
-            if self._locked_noted != self.guard.locked_until:
-                self._locked_noted = self.guard.locked_until
-                await self._security("console_login_locked", f"{line}: tried while locked", source)
-            return {
-                **_error("locked", "the console is locked"),
-                "retry_after_s": refused.retry_after_s,
-            }
-        try:
-            right = await asyncio.to_thread(verify_pin, pin, self.config.console.pin_hash)
-        except PinError as exc:
-            return _error("no_pin", str(exc))
-        verdict = self.guard.record(right)
-        if verdict.ok:
-            await self._security("console_login", f"{line}: logged in", source)
-            return {"ok": True, "user": source["user"]}
-        detail = f"{line}: wrong PIN ({verdict.failures} in a row)"
-        await self._security("console_pin_failed", detail, source)
-        if verdict.lockout_started:
-            await self._security(
-                "console_lockout", f"{line}: locked for {verdict.retry_after_s:g} s", source
-            )
-            answer = _error("locked", f"wrong PIN; locked for {verdict.retry_after_s:g} s")
-            return {**answer, "retry_after_s": verdict.retry_after_s}
-        return {**_error("wrong_pin", "wrong PIN"), "retry_after_s": 0.0}
+        return await self.login.login(pin, _line(request), source)
 
     async def _op_console_logout(
         self, request: Mapping[str, Any], source: Source
     ) -> dict[str, Any]:
         reason = _text(request, "reason", 60)
-        await self._security("console_logout", f"{_line(request)}: {reason}", source)
+        await self.login.logout(_line(request), reason, source)
         cash = self.machine.cash
         if cash.fill_mode:  # nobody is filling the tubes any more
             await self._in_actor(lambda: cash.set_fill_mode(False))
@@ -165,17 +127,7 @@ class Technician:
     async def _op_console_status(
         self, _request: Mapping[str, Any], _source: Source
     ) -> dict[str, Any]:
-        """Whether the console is locked and for how long (a screen can show it)."""
-        guard = self.guard
-        return {
-            "ok": True,
-            "pin_set": bool(self.config.console.pin_hash),
-            "locked_for_s": guard.locked_for(),
-            "failures": guard.failures,
-        }
-
-    async def _security(self, what: str, detail: str, source: Source) -> None:
-        await self.journal.append("security", {"what": what, "detail": detail[:200]}, source=source)
+        return {"ok": True, **self.login.status()}
 
     # --- devices ---------------------------------------------------------------------------
 
@@ -286,61 +238,13 @@ class Technician:
         return await self._in_actor(lambda: self._payout(coin_type, count, source))
 
     async def _payout(self, coin_type: int, count: int, source: Source) -> dict[str, Any]:
-        """DISPENSE ``count`` coins of one tube: a ``payout_intent`` and a ``cash_out`` of reason
-        ``manual`` (not customer money). An outcome the changer cannot tell leaves the intent
-        open: start-up recovery settles it from the tube counts, as for any payout."""
-        machine, cash = self.machine, self.machine.cash
         self._changer()
-        changer = cash.changer
+        changer = self.machine.cash.changer
         assert changer is not None
         self._require_idle("pay out a tube")
         if coin_type not in changer.tube_inventory():
             raise Refusal("invalid", f"coin type {coin_type} has no tube")
-        machine.set_phase(Phase.PAYING)
-        try:
-            await changer.stop_accepting()
-            await machine.absorb_device_events()
-            tubes = await changer.tube_counts_now()
-            held = tubes.get(coin_type, 0)
-            if count > held:
-                raise Refusal("invalid", f"the tube of coin type {coin_type} holds {held}")
-            value = changer.coin_value(coin_type)
-            intent_id = uuid.uuid4().hex
-            await self.journal.append(
-                "payout_intent",
-                {
-                    "intent_id": intent_id,
-                    "amount": value * count,
-                    "reason": "manual",
-                    "tubes": {str(t): n for t, n in tubes.items()},
-                },
-                source=source,
-            )
-            try:
-                paid = await changer.dispense(coin_type, count)
-            except PayoutOutcomeUnknown as exc:
-                log.error("technician payout outcome unknown", intent_id=intent_id, error=str(exc))
-                return _error("fault", f"payout outcome unknown ({exc}); the next start settles it")
-            await self.journal.append(
-                "cash_out",
-                {
-                    "intent_id": intent_id,
-                    "amount": value * paid,
-                    "reason": "manual",
-                    "coins": {str(coin_type): paid},
-                    "final": True,
-                },
-                source=source,
-            )
-        finally:
-            machine.set_phase(Phase.IDLE)
-        return {
-            "ok": True,
-            "coin_type": coin_type,
-            "wanted": count,
-            "paid": paid,
-            "value": value * paid,
-        }
+        return await pay_out_tube(self.machine, changer, coin_type, count, source)
 
     # --- bills -----------------------------------------------------------------------------
 
@@ -350,20 +254,10 @@ class Technician:
             raise Refusal("unavailable", "the bill validator is not ready")
         return device
 
-    async def _stacker_position(self) -> tuple[int, int]:
-        """The journal's own stacker count and the value of those bills (since the last
-        emptying)."""
-        levels = await self.journal.levels()
-        counters = await self.journal.counters()
-        value = counters.get("cash_in.bill.stacker.value", 0) - counters.get(
-            "cash_removed.bill.value", 0
-        )
-        return levels.get("stacker.count", 0), value
-
     async def _op_bills(self, _request: Mapping[str, Any], _source: Source) -> dict[str, Any]:
         async def read() -> dict[str, Any]:
             status = await self._validator().stacker()
-            count, value = await self._stacker_position()
+            count, value = await stacker_position(self.journal)
             return {
                 "ok": True,
                 "device_count": status.count,
@@ -385,7 +279,7 @@ class Technician:
                 device_count = (await self._validator().stacker()).count
             except (Refusal, MdbError):
                 device_count = None
-            count, value = await self._stacker_position()
+            count, value = await stacker_position(self.journal)
             data = {"device": "bill", "count": count, "value": value, "device_count": device_count}
             await self.journal.append("cash_removed", data, source=source)
             return {"ok": True, **data}
