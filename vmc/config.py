@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error")
-LOG_FORMATS = ("auto", "json", "console")
+LOG_FORMATS = ("auto", "json", "journal", "console")
 MDB_LINKS = ("uart", "stream")
 MOTOR_DRIVERS = ("vmc96",)
 # The placeholders a QR order URL may use; the cloud link fills them per order.
@@ -557,7 +557,8 @@ class LogConfig(_Section):
     DESCRIPTION: ClassVar[str] = "log settings"
 
     level: str = field(default="info", metadata=_spec(_Choice(LOG_LEVELS)))
-    # auto: a readable console format on a terminal, JSON lines otherwise (journald, files).
+    # auto: JSON lines with syslog level prefixes when stdout is journald ("journal"), a
+    # readable console format on a terminal, JSON lines otherwise (docs/logging.md).
     format: str = field(default="auto", metadata=_spec(_Choice(LOG_FORMATS)))
 
 
