@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from vmc.config import Config
 from vmc.journal import Journal, JournalError, Source, remote_source
+from vmc.log import bind_ids, bound_ids
 from vmc.planogram import MAX_PRICE, MIN_PRICE, Slot, SlotChange
 
 log = structlog.get_logger("vmc.cloud.commands")
@@ -496,8 +497,10 @@ class CommandProcessor:
                 return
 
     async def handle(self, payload: bytes) -> None:
+        # The command's cmd_id is bound once known; it ends with the command.
         async with self._lock:
-            await self._handle(payload)
+            with bound_ids():
+                await self._handle(payload)
 
     # --- the steps ---------------------------------------------------------------------------
 
@@ -528,6 +531,7 @@ class CommandProcessor:
             expires = parse_time(body.get("expires_at")) if isinstance(body, dict) else None
             await self._refuse(refused, digest=digest, keep_until=_keep_until(now, expires))
             return
+        bind_ids(cmd_id=command.cmd_id)
         keep_until = _keep_until(now, command.expires_at)
         await self.store.begin(digest, command.cmd_id, keep_until)
         try:
