@@ -113,7 +113,7 @@ class _Job:
     #: A fact the devices already made true (a coin in a tube, coins out by hand, a bill
     #: stacked or returned): journaling it decides nothing, so a payout may run it first.
     fact: bool = False
-    #: The flow ids of whoever queued it (a command's ``cmd_id``): its lines carry them.
+    #: The flow ids of whoever submitted it (a command's ``cmd_id``): its lines carry them.
     log_ids: dict[str, Any] = field(default_factory=current_ids)
 
 
@@ -207,7 +207,9 @@ class VendMachine:
 
     def post(self, work: Work, *, fact: bool = False) -> None:
         """Queue work whose result nobody awaits (device events); ``fact``: see ``_Job``."""
-        self._jobs.put_nowait(_Job(work, fact=fact))
+        # A device event is the machine's, not the flow of whatever polled when it came (a
+        # payout inside a vend): it runs with the session's ids only.
+        self._jobs.put_nowait(_Job(work, fact=fact, log_ids={}))
 
     async def select(self, slot_id: str) -> dict[str, Any]:
         """A customer's selection: vend it for cash credit, or say why not."""
