@@ -32,7 +32,7 @@ from vmc.journal import (
     console_source,
     remote_source,
 )
-from vmc.journal.store import MAX_BATCH_RECORDS, database_path, open_readonly
+from vmc.journal.store import MAX_BATCH_RECORDS, MIGRATION_NAMES, database_path, open_readonly
 
 
 async def _all_seqs(journal: Journal) -> list[int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
 from typing import Final
 
 import serial
@@ -32,9 +31,6 @@ REOPEN_FIRST_S: Final = 0.25  # the MDB link's reopen schedule (README "Connecti
 REOPEN_MAX_S: Final = 5.0
 OPEN_TIMEOUT_S: Final = 5.0  # opening a serial device; only a wedged USB stack takes longer
 CLOSE_TIMEOUT_S: Final = 2.0
-
-ReportSource = Callable[[], Awaitable[bytes]]
-
 
 class DexPort:
     """Serves handhelds on one serial port until cancelled."""
