@@ -32,6 +32,7 @@ REOPEN_MAX_S: Final = 5.0
 OPEN_TIMEOUT_S: Final = 5.0  # opening a serial device; only a wedged USB stack takes longer
 CLOSE_TIMEOUT_S: Final = 2.0
 
+
 class DexPort:
     """Serves handhelds on one serial port until cancelled."""
 
