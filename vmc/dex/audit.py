@@ -17,7 +17,10 @@ from vmc.journal.records import audit_level_name
 
 #: The record kinds whose latest occurrence a report shows (EA1, EA2 activity, EA3).
 LAST_OCCURRENCE_SQL: Final = """
-SELECT type, json_extract(data, '$.device'), json_extract(data, '$.state'), MAX(seq), ts, data
+SELECT type, json_extract(data, '$.device'),
+       CASE type WHEN 'door' THEN json_extract(data, '$.open')
+                 ELSE json_extract(data, '$.state') END,
+       MAX(seq), ts, data
 FROM records WHERE type IN ('door', 'vend_failed', 'device', 'audit_read')
 GROUP BY 1, 2, 3
 """
@@ -47,7 +50,8 @@ class AuditData:
     counters: Mapping[str, int]
     levels: Mapping[str, int]
     coin_values: Mapping[int, int] = field(default_factory=dict)
-    #: Keyed by (record type, device or None, state or None).
+    #: Keyed by (record type, device or None, state or None); doors also by "open" and
+    #: "closed" (None: the latest door record, whichever it was).
     latest: Mapping[tuple[str, str | None, str | None], Occurrence] = field(default_factory=dict)
 
     def lifetime(self, counter: str) -> int:
@@ -90,10 +94,16 @@ def read_audit_data(conn: sqlite3.Connection) -> AuditData:
                 coin_values[coin_type] = amount
         latest: dict[tuple[str, str | None, str | None], Occurrence] = {}
         for rtype, device, state, seq, ts, data in conn.execute(LAST_OCCURRENCE_SQL):
-            key = (str(rtype), device if rtype == "device" else None, state)
-            if rtype != "device":
-                key = (str(rtype), None, None)
-            latest[key] = Occurrence(int(seq), str(ts), json.loads(data))
+            occurrence = Occurrence(int(seq), str(ts), json.loads(data))
+            if rtype == "device":
+                latest[(str(rtype), device, state)] = occurrence
+            elif rtype == "door":  # kept apart: the last opening, and the last change
+                latest[("door", None, "open" if state else "closed")] = occurrence
+                last_change = latest.get(("door", None, None))
+                if last_change is None or last_change.seq < occurrence.seq:
+                    latest[("door", None, None)] = occurrence
+            else:
+                latest[(str(rtype), None, None)] = occurrence
         max_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0]
     finally:
         conn.execute("COMMIT")

@@ -213,8 +213,7 @@ def _event_segments(data: AuditData, read: ReadInfo) -> list[str]:
 
 
 def _last_door_opening(data: AuditData) -> Occurrence | None:
-    door = data.last("door")
-    return door if door is not None and door.data.get("open") else None
+    return data.last("door", None, "open")
 
 
 def _ea3(data: AuditData, read: ReadInfo) -> str:
