@@ -40,8 +40,10 @@ class DexPort:
         self.port = port
         self.config = config
         self.journal = journal
+        self.is_open = False
         self.sessions_completed = 0
         self.sessions_aborted = 0
+        self.resets = 0
         self._reading: AuditReading | None = None
         self._down_logged = False
 
@@ -65,6 +67,7 @@ class DexPort:
                 delay = min(delay * 2, REOPEN_MAX_S)
                 continue
             log.info("DEX port open", port=self.port)
+            self.is_open = True
             self._down_logged = False
             delay = REOPEN_FIRST_S
             try:
@@ -74,6 +77,7 @@ class DexPort:
             except Exception as exc:  # a fault here must not stop the machine selling
                 log.error("DEX port failed", port=self.port, error=repr(exc), exc_info=exc)
             finally:
+                self.is_open = False
                 await _close(writer)
             await asyncio.sleep(delay)
 
@@ -115,6 +119,7 @@ class DexPort:
             return
         try:
             await reset_audit(self.journal, reading)
+            self.resets += 1
         except VmcError as exc:
             # The handheld has the report; its interims stay for the next read (none lost).
             log.warning("DEX read not reset", error=str(exc))
