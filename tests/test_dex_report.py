@@ -4,6 +4,7 @@ with reset journaled and the interim counters starting anew."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,6 +24,7 @@ from tests.dex_support import (
 from vmc.dex import DexError, build_dex_report, crc16_arc, read_audit, reset_audit
 from vmc.dex.link import ETX, SOH, encode_frame
 from vmc.journal import Journal, RecordInvalid
+from vmc.journal.store import database_path
 
 NOW = datetime(2026, 11, 30, 14, 5, 9, tzinfo=UTC)
 
@@ -173,3 +175,28 @@ async def test_an_audit_read_record_is_checked(journal: Journal) -> None:
     ):
         with pytest.raises(RecordInvalid):
             await journal.append("audit_read", bad)
+
+
+async def test_migration_counts_the_retained_device_faults_of_an_older_journal(
+    tmp_path: Path,
+) -> None:
+    journal = await Journal.open(tmp_path)
+    for state in ("fault", "offline", "fault", "online"):
+        await journal.append("device", {"device": "bill", "state": state, "detail": "test"})
+    await journal.close()
+    # Make it the journal an older vmc left: no device event counters, migration 0002 not run.
+    conn = sqlite3.connect(database_path(tmp_path))
+    with conn:
+        conn.execute("DELETE FROM counters WHERE name LIKE 'device.%'")
+        conn.execute("DELETE FROM _sqlite_migrations WHERE name = '0002_device_event_counters'")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    reopened = await Journal.open(tmp_path)
+    try:
+        assert reopened.schema_version == 2
+        counters = await reopened.counters()
+        assert counters["device.bill.fault.count"] == 2
+        assert counters["device.bill.offline.count"] == 1
+        assert await reopened.verify_counters() == []
+    finally:
+        await reopened.close()
