@@ -15,9 +15,9 @@ whose every block was acknowledged counts as delivered (the caller then resets, 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from vmc.dex.link import (
     ACK0,
@@ -105,7 +105,7 @@ class Session:
         tokens: TokenReader,
         writer: asyncio.StreamWriter,
         comm_id: str,
-        report: Callable[[], Awaitable[bytes]],
+        report: Callable[[], Coroutine[Any, Any, bytes]],
     ) -> None:
         self._tokens = tokens
         self._writer = writer
@@ -134,12 +134,19 @@ class Session:
     async def run(self) -> Handshake:
         """ENQ was received. Returns the handheld's handshake once the whole report was
         acknowledged; raises SessionAborted otherwise."""
-        handshake = await self._first_handshake()
-        self.handheld = handshake
-        if handshake.operation != chr(OPERATION_READ):
-            await self._send(bytes((EOT,)))
-            raise SessionAborted(f"operation {handshake.operation!r} is not a read")
-        data = await self._report()
+        # The snapshot is read (on a thread) while the first handshake runs: a large journal's
+        # scan then does not lengthen the handheld's wait for our second handshake.
+        report = asyncio.ensure_future(self._report())
+        try:
+            handshake = await self._first_handshake()
+            self.handheld = handshake
+            if handshake.operation != chr(OPERATION_READ):
+                await self._send(bytes((EOT,)))
+                raise SessionAborted(f"operation {handshake.operation!r} is not a read")
+            data = await report
+        finally:
+            report.cancel()  # no-op once done; gather also collects an error nobody awaited
+            await asyncio.gather(report, return_exceptions=True)
         await self._second_handshake()
         await self._transfer(data)
         return handshake
@@ -195,6 +202,3 @@ class Session:
             end = ETX if index == len(blocks) - 1 else ETB
             await self._exchange(encode_frame(STX, block, end), ack_for(index), f"block {index}")
         await self._send(bytes((EOT,)))
-
-
-__all__ = ["ACK0", "ACK1", "Handshake", "LinkClosed", "Session", "SessionAborted", "TokenReader"]
