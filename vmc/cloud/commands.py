@@ -38,11 +38,13 @@ import contextlib
 import hashlib
 import inspect
 import json
+import math
 import re
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -72,6 +74,11 @@ OUTBOX_MAX: Final = 1000
 COMMANDS_FILE: Final = "commands.sqlite3"
 #: What a security record's detail may hold (the journal's text limit).
 DETAIL_MAX: Final = 200
+#: Refusals journaled one by one per window; beyond that they are counted and journaled as one
+#: summary record when the window is over (at the next refusal, or when the daemon stops), so
+#: junk on the command topic cannot fill the disk with records.
+REFUSALS_JOURNALED_PER_WINDOW: Final = 30
+REFUSAL_WINDOW_S: Final = 60.0
 
 ED25519_SIGNATURE_BYTES: Final = 64  # RFC 8032 §5.1.6
 CMD_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # fits a journal record's source
@@ -451,6 +458,7 @@ class CommandProcessor:
         self.results_changed = asyncio.Event()
         self._outbox: list[tuple[int, dict[str, Any]]] = []
         self._lock = asyncio.Lock()
+        self._refusals = _RefusalWindow()
         raw = config.cloud.command_public_key_bytes
         self._key = None if raw is None else Ed25519PublicKey.from_public_bytes(raw)
         if self._key is None:
@@ -483,6 +491,7 @@ class CommandProcessor:
         return processor
 
     async def close(self) -> None:
+        await self._journal_unrecorded_refusals()
         await self.store.close()
 
     # --- CommandSink -----------------------------------------------------------------------
@@ -704,6 +713,22 @@ class CommandProcessor:
         await self._queue(result, digest=digest, keep_until=keep_until)
 
     async def _journal_refusal(self, refused: Refused) -> None:
+        now = self.clock().timestamp()
+        if now - self._refusals.started >= REFUSAL_WINDOW_S or now < self._refusals.started:
+            await self._journal_unrecorded_refusals()
+            self._refusals = _RefusalWindow(started=now)
+        window = self._refusals
+        window.count += 1
+        if window.count > REFUSALS_JOURNALED_PER_WINDOW:
+            window.unrecorded[refused.code] += 1
+            if sum(window.unrecorded.values()) == 1:
+                log.warning(
+                    "commands refused in a flood: counted, journaled as one record",
+                    per_window=REFUSALS_JOURNALED_PER_WINDOW,
+                    window_s=REFUSAL_WINDOW_S,
+                )
+            log.debug("command refused", code=refused.code, cmd_id=refused.cmd_id)
+            return
         log.warning(
             "command refused", code=refused.code, reason=refused.reason, cmd_id=refused.cmd_id
         )
@@ -714,6 +739,25 @@ class CommandProcessor:
         }
         if refused.cmd_id is not None:
             data["cmd_id"] = refused.cmd_id
+        await self._journal_security(data)
+
+    async def _journal_unrecorded_refusals(self) -> None:
+        """The summary of a flood's window: how many refusals of each code were only counted."""
+        unrecorded = self._refusals.unrecorded
+        if not unrecorded:
+            return
+        total = sum(unrecorded.values())
+        codes = ", ".join(f"{code} {n}" for code, n in sorted(unrecorded.items()))
+        self._refusals.unrecorded = Counter()
+        await self._journal_security(
+            {
+                "what": "commands refused",
+                "detail": f"{total} more refused within {REFUSAL_WINDOW_S:g} s, "
+                f"counted only: {codes}"[:DETAIL_MAX],
+            }
+        )
+
+    async def _journal_security(self, data: dict[str, Any]) -> None:
         try:
             await self.journal.append("security", data)
         except JournalError as exc:
@@ -736,6 +780,15 @@ class CommandProcessor:
             self._outbox = [(n, r) for n, r in self._outbox if n not in dropped]
             log.warning("command results dropped: too many unpublished", dropped=len(dropped))
         self.results_changed.set()
+
+
+@dataclass
+class _RefusalWindow:
+    """Refusals counted since ``started`` (wall seconds), and those not journaled one by one."""
+
+    started: float = -math.inf
+    count: int = 0
+    unrecorded: Counter[str] = field(default_factory=Counter)
 
 
 def _keep_until(now: datetime, expires: datetime | None) -> float:
