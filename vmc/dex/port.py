@@ -21,7 +21,14 @@ import structlog
 from vmc.config import Config
 from vmc.dex.link import Control
 from vmc.dex.service import AuditReading, comm_id_for, read_audit, reset_audit
-from vmc.dex.session import BAUD, LinkClosed, Session, SessionAborted, TokenReader
+from vmc.dex.session import (
+    BAUD,
+    RESPONSE_TIMEOUT_S,
+    LinkClosed,
+    Session,
+    SessionAborted,
+    TokenReader,
+)
 from vmc.errors import VmcError
 from vmc.journal import Journal
 
@@ -44,6 +51,8 @@ class DexPort:
         self.sessions_completed = 0
         self.sessions_aborted = 0
         self.resets = 0
+        #: The handheld's answer time (session.RESPONSE_TIMEOUT_S; tests shorten it).
+        self.response_timeout_s = RESPONSE_TIMEOUT_S
         self._reading: AuditReading | None = None
         self._down_logged = False
 
@@ -86,7 +95,13 @@ class DexPort:
         while True:
             if await tokens.next(None) is not Control.ENQ:
                 continue  # anything before a handheld's ENQ is noise
-            session = Session(tokens, writer, comm_id_for(self.config), self._report)
+            session = Session(
+                tokens,
+                writer,
+                comm_id_for(self.config),
+                self._report,
+                response_timeout_s=self.response_timeout_s,
+            )
             self._reading = None
             try:
                 handheld = await session.run()

@@ -106,11 +106,14 @@ class Session:
         writer: asyncio.StreamWriter,
         comm_id: str,
         report: Callable[[], Coroutine[Any, Any, bytes]],
+        *,
+        response_timeout_s: float = RESPONSE_TIMEOUT_S,
     ) -> None:
         self._tokens = tokens
         self._writer = writer
         self._comm_id = comm_id.encode("ascii")
         self._report = report
+        self._response_timeout_s = response_timeout_s
         self.handheld: Handshake | None = None
         self.retransmissions = 0
 
@@ -119,11 +122,11 @@ class Session:
         self._writer.write(data)
         send_time = len(data) * BYTE_TIME_S
         try:
-            async with asyncio.timeout(RESPONSE_TIMEOUT_S + send_time):
+            async with asyncio.timeout(self._response_timeout_s + send_time):
                 await self._writer.drain()  # a port whose other side stopped reading
         except TimeoutError:
             raise SessionAborted("the port does not take our bytes") from None
-        return RESPONSE_TIMEOUT_S + send_time
+        return self._response_timeout_s + send_time
 
     async def _answer(self, timeout_s: float) -> Token | None:
         try:
