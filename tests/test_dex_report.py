@@ -172,6 +172,7 @@ async def test_an_audit_read_record_is_checked(journal: Journal) -> None:
         {"interim": {"sales.value": True}, "via": "cli"},
         {"interim": [], "via": "cli"},
         {"interim": {}},
+        {"interim": {f"sales.slot.S{n}.count": 1 for n in range(2000)}, "via": "cli"},
     ):
         with pytest.raises(RecordInvalid):
             await journal.append("audit_read", bad)

@@ -229,6 +229,8 @@ MAX_QR_TEXT: Final = 4000
 COUNTER_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,120}")
 MAX_COUNTER_NAMES: Final = 10_000
 MAX_COUNTER_VALUE: Final = 2**53  # lifetime sums stay exact in the backend's JSON numbers
+#: An audit_read must fit a cloud message (64 KiB) with room to spare: about 800 counters.
+MAX_COUNTER_MAP_BYTES: Final = 32 * 1024
 
 
 def _counter_map(rtype: str, name: str, value: object) -> object:
@@ -247,6 +249,8 @@ def _counter_map(rtype: str, name: str, value: object) -> object:
                 rtype, name, f"{key}: expected 0..{MAX_COUNTER_VALUE}, found {number}"
             )
         result[key] = number
+    if len(encode_json(result)) > MAX_COUNTER_MAP_BYTES:
+        raise RecordInvalid(rtype, name, f"more than {MAX_COUNTER_MAP_BYTES} bytes of counters")
     return result
 
 
