@@ -55,6 +55,7 @@ from vmc.cloud.sync import JournalSync
 from vmc.cloud.telemetry import Telemetry, build_telemetry
 from vmc.config import Config
 from vmc.control import ControlServer
+from vmc.dex.hooks import cloud_dex_hook, dex_port_task
 from vmc.errors import VmcError
 from vmc.journal import Journal, JournalCorrupt
 from vmc.journal.recovery import DeviceFacts, stock_levels
@@ -338,6 +339,7 @@ class Daemon:
             commands=self.commands,
         )
         self.commands.on_sync = self.cloud.request_sync
+        self.commands.on_dex = cloud_dex_hook(self.config, journal, self.cloud.publish_json)
         self.cloud.add_listener(self._on_cloud_link)
         self.spawn("cloud-link", self.cloud.run())
         self.spawn("cloud-telemetry-changes", self._watch_for_telemetry())
@@ -616,6 +618,9 @@ class Daemon:
             await self._start_motor(stock)
             await self._start_machine()
             await self._start_cloud()
+            dex_port = dex_port_task(self.config, self.journal)
+            if dex_port is not None:  # [dex] port: the handheld's audit port (vmc/dex/)
+                self.spawn("dex-port", dex_port)
             await self._until_accepting()
             self._log_running()
             await self._stop.wait()

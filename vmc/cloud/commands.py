@@ -122,6 +122,8 @@ class SlotChanger(Protocol):
 
 Clock = Callable[[], datetime]
 SyncHook = Callable[[], Awaitable[None] | None]
+#: ``dex``: publish the audit report (vmc/dex/); the result's error code or None.
+DexHook = Callable[[Source], Awaitable[str | None]]
 
 
 def utc_now() -> datetime:
@@ -443,6 +445,7 @@ class CommandProcessor:
         *,
         qr: QrOrders | None = None,
         on_sync: SyncHook | None = None,
+        on_dex: DexHook | None = None,
         clock: Clock = utc_now,
     ) -> None:
         self.config = config
@@ -451,6 +454,7 @@ class CommandProcessor:
         self.store = store
         self.qr = qr
         self.on_sync = on_sync
+        self.on_dex = on_dex
         self.clock = clock
         self.results_changed = asyncio.Event()
         self._outbox: list[tuple[int, dict[str, Any]]] = []
@@ -471,13 +475,16 @@ class CommandProcessor:
         state_dir: Path | None = None,
         qr: QrOrders | None = None,
         on_sync: SyncHook | None = None,
+        on_dex: DexHook | None = None,
         clock: Clock = utc_now,
     ) -> CommandProcessor:
         """Open ``commands.sqlite3`` in ``state_dir`` (default: beside the journal) and take
         up the results a previous run left unpublished."""
         folder = state_dir if state_dir is not None else journal.path.parent
         store = await CommandStore.open(folder / COMMANDS_FILE)
-        processor = cls(config, journal, machine, store, qr=qr, on_sync=on_sync, clock=clock)
+        processor = cls(
+            config, journal, machine, store, qr=qr, on_sync=on_sync, on_dex=on_dex, clock=clock
+        )
         processor._outbox = await store.start(clock().timestamp())
         if processor._outbox:
             log.info("unpublished command results from before", count=len(processor._outbox))
@@ -639,8 +646,8 @@ class CommandProcessor:
                 raise Refused(INVALID, f"no slot {fields['slot']!r}")
             if command.type == "set_inventory" and fields["count"] > slot.capacity:
                 raise Refused(INVALID, f"count {fields['count']} over capacity {slot.capacity}")
-        if command.type == "dex":
-            raise Refused(INVALID, "dex arrives with the operations issue")
+        if command.type == "dex" and self.on_dex is None:
+            raise Refused(INVALID, "no audit report on this machine")
 
     async def _act(self, command: Command) -> str | None:
         """Carry out an accepted command; its result's error code or None."""
@@ -658,6 +665,9 @@ class CommandProcessor:
                     if inspect.isawaitable(done):
                         await done
                 return None
+            case "dex":
+                assert self.on_dex is not None  # _check_fields refused it otherwise
+                return await self.on_dex(source)
             case "vend":
                 if self.qr is None:
                     if fields["origin"] == "remote":

@@ -196,6 +196,20 @@ def _migration_0001_initial(db: Database) -> None:
     db.table("scratch").create({"id": int, "payload": bytes}, pk="id")
 
 
+@MIGRATIONS(name="0002_device_event_counters")
+def _migration_0002_device_event_counters(db: Database) -> None:
+    # counter_deltas now counts device faults and losses (EVA-DTS events). Records pruned
+    # before this had no such counter and their baseline has none, so counting the retained
+    # records keeps stored and recomputed counters equal (verify_counters).
+    db.execute(
+        "INSERT INTO counters (name, value) "
+        "SELECT 'device.' || json_extract(data, '$.device') || '.' "
+        "|| json_extract(data, '$.state') || '.count', COUNT(*) FROM records "
+        "WHERE type = 'device' AND json_extract(data, '$.state') IN ('fault', 'offline') "
+        "GROUP BY 1 ON CONFLICT(name) DO UPDATE SET value = value + excluded.value"
+    )
+
+
 def _migration_names() -> tuple[str, ...]:
     empty = Database(memory=True, execute_plugins=False)
     try:
