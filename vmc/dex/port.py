@@ -31,6 +31,7 @@ from vmc.dex.session import (
 )
 from vmc.errors import VmcError
 from vmc.journal import Journal
+from vmc.log import FailureLog
 
 log = structlog.get_logger("vmc.dex")
 
@@ -54,7 +55,7 @@ class DexPort:
         #: The handheld's answer time (session.RESPONSE_TIMEOUT_S; tests shorten it).
         self.response_timeout_s = RESPONSE_TIMEOUT_S
         self._reading: AuditReading | None = None
-        self._down_logged = False
+        self._open_log = FailureLog(log)
 
     async def run(self) -> None:
         delay = REOPEN_FIRST_S
@@ -69,15 +70,13 @@ class DexPort:
                         stopbits=serial.STOPBITS_ONE,
                     )
             except (OSError, TimeoutError) as exc:  # serial.SerialException is an OSError
-                if not self._down_logged:
-                    log.warning("DEX port cannot be opened", port=self.port, error=str(exc))
-                    self._down_logged = True
+                self._open_log.failed("DEX port cannot be opened", port=self.port, error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, REOPEN_MAX_S)
                 continue
-            log.info("DEX port open", port=self.port)
+            if not self._open_log.recovered("DEX port open", port=self.port):
+                log.info("DEX port open", port=self.port)
             self.is_open = True
-            self._down_logged = False
             delay = REOPEN_FIRST_S
             try:
                 await self._serve(reader, writer)
