@@ -795,7 +795,7 @@ def test_redacted_hides_the_password_and_keeps_paths() -> None:
     assert shown["mdb"]["port"] == "" and shown["mdb"]["pcap"] == ""
     assert set(shown) == {
         "machine", "log", "mdb", "motor", "vend", "control", "journal", "cloud", "console",
-        "slot",
+        "dex", "slot",
     }  # fmt: skip
 
 

@@ -205,6 +205,7 @@ def test_every_record_type_has_a_schema_and_known_deltas() -> None:
         "recovery",
         "cash_removed",
         "motor_test",
+        "audit_read",
     } == set(RECORD_TYPES)
 
 

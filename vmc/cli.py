@@ -29,6 +29,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 _PLUGINS = (
     ("vmc.journal.cli", "add_journal_commands"),
     ("vmc.console.cli", "add_console_commands"),
+    ("vmc.dex.cli", "add_dex_commands"),
 )
 
 

@@ -55,6 +55,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from vmc.config import Config
 from vmc.journal import Journal, JournalError, Source, remote_source
+from vmc.log import bind_ids, bound_ids
 from vmc.planogram import MAX_PRICE, MIN_PRICE, Slot, SlotChange
 
 log = structlog.get_logger("vmc.cloud.commands")
@@ -121,6 +122,8 @@ class SlotChanger(Protocol):
 
 Clock = Callable[[], datetime]
 SyncHook = Callable[[], Awaitable[None] | None]
+#: ``dex``: publish the audit report (vmc/dex/); the result's error code or None.
+DexHook = Callable[[Source], Awaitable[str | None]]
 
 
 def utc_now() -> datetime:
@@ -442,6 +445,7 @@ class CommandProcessor:
         *,
         qr: QrOrders | None = None,
         on_sync: SyncHook | None = None,
+        on_dex: DexHook | None = None,
         clock: Clock = utc_now,
     ) -> None:
         self.config = config
@@ -450,6 +454,7 @@ class CommandProcessor:
         self.store = store
         self.qr = qr
         self.on_sync = on_sync
+        self.on_dex = on_dex
         self.clock = clock
         self.results_changed = asyncio.Event()
         self._outbox: list[tuple[int, dict[str, Any]]] = []
@@ -470,13 +475,16 @@ class CommandProcessor:
         state_dir: Path | None = None,
         qr: QrOrders | None = None,
         on_sync: SyncHook | None = None,
+        on_dex: DexHook | None = None,
         clock: Clock = utc_now,
     ) -> CommandProcessor:
         """Open ``commands.sqlite3`` in ``state_dir`` (default: beside the journal) and take
         up the results a previous run left unpublished."""
         folder = state_dir if state_dir is not None else journal.path.parent
         store = await CommandStore.open(folder / COMMANDS_FILE)
-        processor = cls(config, journal, machine, store, qr=qr, on_sync=on_sync, clock=clock)
+        processor = cls(
+            config, journal, machine, store, qr=qr, on_sync=on_sync, on_dex=on_dex, clock=clock
+        )
         processor._outbox = await store.start(clock().timestamp())
         if processor._outbox:
             log.info("unpublished command results from before", count=len(processor._outbox))
@@ -505,8 +513,10 @@ class CommandProcessor:
                 return
 
     async def handle(self, payload: bytes) -> None:
+        # The command's cmd_id is bound once known; it ends with the command.
         async with self._lock:
-            await self._handle(payload)
+            with bound_ids():
+                await self._handle(payload)
 
     # --- the steps ---------------------------------------------------------------------------
 
@@ -537,6 +547,7 @@ class CommandProcessor:
             expires = parse_time(body.get("expires_at")) if isinstance(body, dict) else None
             await self._refuse(refused, digest=digest, keep_until=_keep_until(now, expires))
             return
+        bind_ids(cmd_id=command.cmd_id)
         keep_until = _keep_until(now, command.expires_at)
         await self.store.begin(digest, command.cmd_id, keep_until)
         try:
@@ -635,8 +646,8 @@ class CommandProcessor:
                 raise Refused(INVALID, f"no slot {fields['slot']!r}")
             if command.type == "set_inventory" and fields["count"] > slot.capacity:
                 raise Refused(INVALID, f"count {fields['count']} over capacity {slot.capacity}")
-        if command.type == "dex":
-            raise Refused(INVALID, "dex arrives with the operations issue")
+        if command.type == "dex" and self.on_dex is None:
+            raise Refused(INVALID, "no audit report on this machine")
 
     async def _act(self, command: Command) -> str | None:
         """Carry out an accepted command; its result's error code or None."""
@@ -654,6 +665,9 @@ class CommandProcessor:
                     if inspect.isawaitable(done):
                         await done
                 return None
+            case "dex":
+                assert self.on_dex is not None  # _check_fields refused it otherwise
+                return await self.on_dex(source)
             case "vend":
                 if self.qr is None:
                     if fields["origin"] == "remote":

@@ -51,6 +51,7 @@ from tenacity import RetryCallState, Retrying, wait_exponential_jitter
 
 from vmc.config import CloudConfig
 from vmc.journal.records import format_ts
+from vmc.log import FailureLog
 
 if TYPE_CHECKING:
     from vmc.cloud.sync import JournalSync
@@ -363,7 +364,7 @@ class CloudLink:
         self._session: Session | None = None
         self._stop = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._failing = False  # a failure was logged at WARNING since the link was last up
+        self._down_log = FailureLog(log)
         self._ever_up = False
         self._force_v311 = False
         self._wait = wait_exponential_jitter(
@@ -403,20 +404,14 @@ class CloudLink:
         previous = self._status
         self._status = LinkStatus(state, detail, format_ts(self._clock()))
         if state is LinkState.UP:
-            if self._failing:
-                log.info("cloud link up again", detail=detail)
-            else:
+            if not self._down_log.recovered("cloud link up again", detail=detail):
                 log.info("cloud link up", detail=detail)
-            self._failing = False
             self._ever_up = True
         elif state is LinkState.DOWN:
             if detail == "stopped":
                 log.info("cloud link stopped")
-            elif not self._failing:
-                log.warning("cloud link down", detail=detail, broker=self.where)
-                self._failing = True
             else:
-                log.debug("cloud link still down", detail=detail)
+                self._down_log.failed("cloud link down", detail=detail, broker=self.where)
         else:
             log.debug("cloud link connecting", broker=self.where)
         if state is previous.state:
