@@ -157,6 +157,7 @@ def test_help_lists_every_command(machine: tuple[Daemon, PtyLine]) -> None:
         "sync force",
         "qr SLOT",
         "config",
+        "dex [reset]",
         "logout",
     ):
         assert usage in out, usage

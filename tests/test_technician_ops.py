@@ -189,6 +189,16 @@ def test_slot_out_of_sale_sync_config_journal(daemon: Daemon) -> None:
     assert "A3" in report["text"] and report["report"]["last_seq"] >= tail[-1]["seq"]
 
 
+def test_dex_report_and_its_reset_are_the_consoles(daemon: Daemon) -> None:
+    read = op(daemon, "dex")
+    assert read["ok"] and read["report"].startswith("DXS*"), read
+    assert "\r\nDXE*" in read["report"]
+    assert not console_records(daemon, "audit_read")
+    assert op(daemon, "dex", reset=True)["reset"] is True
+    reads = console_records(daemon, "audit_read")
+    assert [r["data"]["via"] for r in reads] == ["console"]
+
+
 def test_after_a_restart_fill_coins_and_manual_payouts_are_no_credit(daemon: Daemon) -> None:
     # The credit is rebuilt from the journal's counters at start (vmc/journal/recovery.py):
     # the fill coins and the technician's payout above must not count as customer money.

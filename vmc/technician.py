@@ -28,6 +28,7 @@ from vmc.cloud.link import CloudLink
 from vmc.config import Config
 from vmc.console.auth import PinGuard
 from vmc.console.login import ConsoleLogin
+from vmc.dex.service import DexError, build_dex_report
 from vmc.journal import Source
 from vmc.journal.records import console_source
 from vmc.journal.reports import build_report, format_report
@@ -76,6 +77,7 @@ class Technician:
         "sync",
         "sync_force",
         "config",
+        "dex",
     )
 
     def __init__(
@@ -397,6 +399,20 @@ class Technician:
         # Resends every unacknowledged record and telemetry now, or as soon as the link is up.
         cloud.request_sync()
         return {**self._sync_state(), "forced": True}
+
+    async def _op_dex(self, request: Mapping[str, Any], source: Source) -> dict[str, Any]:
+        """The EVA-DTS audit report (vmc/dex/); ``reset``: the interim counters start anew
+        (an ``audit_read`` record)."""
+        reset = request.get("reset", False)
+        if not isinstance(reset, bool):
+            raise _BadRequest('"reset": true or false')
+        try:
+            report = await build_dex_report(
+                self.journal, self.config, reset=reset, via="console", source=source
+            )
+        except DexError as exc:
+            return _error("dex", str(exc))
+        return {"ok": True, "report": report, "reset": reset}
 
     async def _op_config(self, _request: Mapping[str, Any], _source: Source) -> dict[str, Any]:
         return {"ok": True, "config": self.config.redacted()}

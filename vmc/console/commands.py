@@ -275,6 +275,12 @@ def _build_payout(args: list[str], _ctx: Context) -> Request:
     }
 
 
+def _build_dex(args: list[str], _ctx: Context) -> Request:
+    if args not in ([], ["reset"]):
+        raise UsageError("usage: dex [reset]")
+    return {"op": "dex", "reset": args == ["reset"]}
+
+
 def _build_slot_op(op: str, usage: str) -> Callable[[list[str], Context], Request]:
     def build(args: list[str], ctx: Context) -> Request:
         _args(1, usage)(args)
@@ -413,7 +419,13 @@ COMMANDS: tuple[Command, ...] = (
         lambda a, _c: json.dumps(a["config"], indent=2).replace("\n", "\r\n"),
     ),
     Command(("logout",), (), "end the session", _simple("logout"), _done),
-    # ("dex",): an EVA-DTS audit report (vmc/dex/, being built): its entry goes here.
+    Command(
+        ("dex",),
+        ("[reset]",),
+        "the EVA-DTS audit report; with reset the interim counters start anew",
+        _build_dex,
+        lambda a, _c: str(a["report"]).strip(),
+    ),
 )
 
 
