@@ -20,6 +20,7 @@ from serial_asyncio_fast import open_serial_connection
 
 from vmc.config import ConsoleConfig
 from vmc.console.session import Caller, Ended, Session
+from vmc.log import FailureLog
 
 log = structlog.get_logger("vmc.console")
 
@@ -76,23 +77,20 @@ class SerialConsole:
     async def run(self) -> None:
         """Serve the port until cancelled."""
         wait_s = REOPEN_FIRST_S
-        missing_logged = False
+        open_log = FailureLog(log)  # a missing port: once at WARNING, repeats at DEBUG
         while True:
             try:
                 reader, writer = await open_serial_connection(
                     url=self.port, baudrate=self.config.baud
                 )
             except (OSError, serial.SerialException) as exc:
-                if not missing_logged:
-                    log.warning(
-                        "console port cannot be opened; retrying", port=self.port, error=str(exc)
-                    )
-                    missing_logged = True
+                open_log.failed("console port cannot be opened", port=self.port, error=str(exc))
                 await asyncio.sleep(wait_s)
                 wait_s = min(wait_s * 2, REOPEN_MAX_S)
                 continue
-            log.info("console port open", port=self.port)
-            missing_logged, wait_s = False, REOPEN_FIRST_S
+            if not open_log.recovered("console port open", port=self.port):
+                log.info("console port open", port=self.port)
+            wait_s = REOPEN_FIRST_S
             stream = _SerialStream(reader, writer)
             try:
                 await self._serve(stream)
