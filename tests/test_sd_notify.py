@@ -91,18 +91,19 @@ async def test_watchdog_pings_stop_while_the_journal_writer_is_held_and_resume(
     )
     release = threading.Event()
     task = asyncio.create_task(reporter.run())
-    held: asyncio.Future[object] | None = None
+    held: asyncio.Task[bool] | None = None
     try:
         reporter.ready()
         await wait_until(lambda: reporter.pings >= 3, "three watchdog pings")
         # The writer thread runs a job that does not return: it takes nothing else.
-        held = asyncio.ensure_future(journal._call_writer(lambda _conn: release.wait()))
+        stuck = asyncio.create_task(journal._call_writer(lambda _conn: release.wait()))
+        held = stuck
         await asyncio.sleep(TEST_INTERVAL_S)  # a check already running may still pass
         before = reporter.pings
         await asyncio.sleep(SILENT_INTERVALS * TEST_INTERVAL_S)
         assert reporter.pings == before, "pinged while the journal writer was stuck"
         release.set()
-        await held
+        await stuck
         await wait_until(lambda: reporter.pings >= before + 2, "pings again")
     finally:
         release.set()
