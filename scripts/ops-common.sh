@@ -1,3 +1,5 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2034  # the variables are for the scripts that source this file
 # Shared by scripts/install, scripts/update and scripts/uninstall (sourced, not run).
 # Every path lives under $ROOT (--root DIR or VMC_ROOT; empty = the real /), and every command
 # that changes the system can be replaced through the environment, so that a test can run the
