@@ -55,6 +55,7 @@ from vmc.journal.records import (
     validate,
     validate_source,
 )
+from vmc.log import FailureLog
 
 log = logging.getLogger("vmc.journal")
 
@@ -193,6 +194,20 @@ def _migration_0001_initial(db: Database) -> None:
         {"kind": str, "name": str, "value": int}, pk=("kind", "name"), not_null=["value"]
     )
     db.table("scratch").create({"id": int, "payload": bytes}, pk="id")
+
+
+@MIGRATIONS(name="0002_device_event_counters")
+def _migration_0002_device_event_counters(db: Database) -> None:
+    # counter_deltas now counts device faults and losses (EVA-DTS events). Records pruned
+    # before this had no such counter and their baseline has none, so counting the retained
+    # records keeps stored and recomputed counters equal (verify_counters).
+    db.execute(
+        "INSERT INTO counters (name, value) "
+        "SELECT 'device.' || json_extract(data, '$.device') || '.' "
+        "|| json_extract(data, '$.state') || '.count', COUNT(*) FROM records "
+        "WHERE type = 'device' AND json_extract(data, '$.state') IN ('fault', 'offline') "
+        "GROUP BY 1 ON CONFLICT(name) DO UPDATE SET value = value + excluded.value"
+    )
 
 
 def _migration_names() -> tuple[str, ...]:
@@ -658,7 +673,7 @@ class _Writer(threading.Thread):
         self._lookahead: object | None = None
         self._commits_since_checkpoint = 0
         self.commits = 0  # append transactions committed (records per commit shows batching)
-        self._failures_logged = 0
+        self._unwritable_log = FailureLog(log)
         self._dir_fd: int | None = None  # the state folder, for fstatvfs before each batch
         self._reconnect_needed = False
         self._lock_fd: int | None = None  # flock held while this writer owns the database
@@ -680,14 +695,14 @@ class _Writer(threading.Thread):
         with self._health_lock:
             changed = ok != self.healthy
             self.healthy, self.health_reason = ok, reason
-        if not changed:
-            if not ok:
-                log.debug("journal still unwritable: %s", reason)
-            return
         if ok:
-            log.info("journal writable again")
+            self._unwritable_log.recovered("journal writable again")
         else:
-            log.warning("journal unwritable, money must not be taken: %s", reason)
+            self._unwritable_log.failed(
+                "journal unwritable, money must not be taken", reason=reason
+            )
+        if not changed:
+            return
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self._notify_health, ok, reason)
 
@@ -1077,7 +1092,6 @@ class _Writer(threading.Thread):
         self.pending_records = []
         self._commits_since_checkpoint += 1
         self.commits += 1
-        self._failures_logged = 0
         problem = self._reserve_problem(free)
         self.set_health(problem is None, problem or "ok")
         seq = self.last_seq + 1 - sum(len(job.items) for job in admitted)
@@ -1104,11 +1118,7 @@ class _Writer(threading.Thread):
     ) -> None:
         if cause is not None:
             exc.__cause__ = cause
-        if self._failures_logged == 0:
-            log.warning("journal append failed: %s", exc)
-        else:
-            log.debug("journal append failed again: %s", exc)
-        self._failures_logged += 1
+        # Logged once, as the journal's health (WARNING first, then DEBUG, INFO when it works).
         self.set_health(False, str(exc))
         self._settle_all([(job.future, None, exc) for job in batch])
 
