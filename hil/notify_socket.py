@@ -84,7 +84,10 @@ class NotifySocket:
                     return note
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no {what} within {timeout_s} s")
+                statuses = [n.fields["STATUS"] for n in self.received if "STATUS" in n.fields]
+                raise AssertionError(
+                    f"no {what} within {timeout_s} s; STATUS lines so far: {statuses}"
+                )
             self.drain(min(left, DRAIN_STEP_S))
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """End to end: ``vmc run`` as a subprocess on the simulated machine, under a real datagram
 NOTIFY_SOCKET and WATCHDOG_USEC as systemd sets them: READY once running, STATUS lines,
 WATCHDOG pings that stop while the MDB line process is stopped (SIGSTOP) and resume after
-SIGCONT, STOPPING on SIGTERM."""
+SIGCONT, an "out of service" STATUS (and pings still) once the MDB port went away, STOPPING on
+SIGTERM."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def notify(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
 
 def line_process_of(pid: int) -> int:
     """The daemon's MDB line process: its child running drivers.mdb.line_process."""
+    return child_running(pid, b"drivers.mdb.line_process")
+
+
+def child_running(pid: int, module: bytes) -> int:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -50,9 +55,9 @@ def line_process_of(pid: int) -> int:
         except OSError:
             continue
         parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == pid and b"drivers.mdb.line_process" in cmdline:
+        if parent == pid and module in cmdline.split(b"\0"):
             return int(entry.name)
-    raise AssertionError(f"no MDB line process under pid {pid}")
+    raise AssertionError(f"no {module.decode()} process under pid {pid}")
 
 
 def is_ping(note_fields: dict[str, str]) -> bool:
@@ -94,6 +99,17 @@ def test_ready_status_watchdog_and_stopping_under_a_notify_socket(
         notify.wait_for(
             lambda n: is_ping(n.fields), RESUME_TIMEOUT_S, "pings after SIGCONT", resumed_from
         )
+
+        # The MDB port goes away (the simulator ends): out of service, said in STATUS; the
+        # daemon reopens the port itself, so the watchdog keeps pinging (docs/service.md).
+        os.kill(child_running(daemon.proc.pid, b"hil.sim"), signal.SIGKILL)
+        link_down = notify.wait_for(
+            lambda n: n.fields.get("STATUS", "").startswith("out of service: mdb link down"),
+            RESUME_TIMEOUT_S,
+            "a STATUS line saying the MDB link is down",
+        )
+        down_at = notify.received.index(link_down)
+        notify.wait_for(lambda n: is_ping(n.fields), 5.0, "a ping with the link down", down_at)
 
         code, _elapsed = daemon.stop(signal.SIGTERM)
         assert code == 0

@@ -76,6 +76,10 @@ def test_status_lines_read_like_sentences() -> None:
     assert status_line(down, None) == (
         "out of service: mdb link down · coin ok, bill ok, reader offline"
     )
+    both = {**down, "faults": {"coin": "coin changer offline", "mdb": "MDB link down: x"}}
+    assert status_line(both, "down").startswith(
+        "out of service: mdb link down; coin: coin changer offline · "
+    )
 
 
 async def test_watchdog_pings_stop_while_the_journal_writer_is_held_and_resume(

@@ -96,7 +96,9 @@ def status_line(snapshot: Mapping[str, Any], cloud: str | None) -> str:
         parts = ["selling", credit_text]
     else:
         faults: Mapping[str, str] = snapshot.get("faults", {})
-        reasons = [_fault_text(key, reason) for key, reason in faults.items()] or ["starting"]
+        # The MDB link first: the devices' own faults follow from it while it is down.
+        keys = sorted(faults, key=lambda key: key != "mdb")
+        reasons = [_fault_text(key, faults[key]) for key in keys] or ["starting"]
         parts = ["out of service: " + "; ".join(reasons)]
         if credit:
             parts.append(credit_text)
