@@ -323,6 +323,28 @@ async def test_an_order_expires_on_the_tick_and_the_acceptors_come_back(cash_rig
     assert (await rig.journal.levels()).get(OPEN_ORDERS_LEVEL, 0) == 0
 
 
+async def test_an_order_expires_while_the_actor_is_kept_busy(cash_rig: Rig) -> None:
+    """The tick keeps its pace however busy the actor's queue is: a client sending ops more
+    often than TICK_S (a screen, a console) does not hold back an order's expiry."""
+    from vmc.machine import TICK_S
+
+    rig = cash_rig
+    await rig.qr.create_order("A1")
+    rig.clock.advance(TTL_S)
+
+    async def nothing() -> None:
+        return None
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 4 * TICK_S
+    while rig.machine.snapshot()["qr"]["order"] is not None:
+        assert loop.time() < deadline, "the order did not expire while jobs kept coming"
+        await rig.machine.submit(nothing)  # a job every TICK_S / 5
+        await asyncio.sleep(TICK_S / 5)
+    states = [r.data["state"] for r in await rig.records("order")]
+    assert states == ["created", "expired"]
+
+
 async def test_cancel_on_the_screen_and_by_the_backend(rig: Rig) -> None:
     order = (await rig.qr.create_order("A1"))["order"]
     assert await rig.qr.cancel_pending() == {

@@ -65,7 +65,7 @@ log = structlog.get_logger("vmc.machine")
 
 #: How often a motor board that failed is pinged to see whether it is back.
 MOTOR_RECHECK_S = 5.0
-#: How often the actor wakes without events, to check the credit timeout and orders' expiry.
+#: How often the actor checks the credit timeout and orders' expiry, busy with jobs or not.
 TICK_S = 0.5
 #: Bound of the subscriber queue of one control-interface client; a slow client loses events
 #: (it can always ask for the full state) rather than slowing the machine down.
@@ -235,15 +235,23 @@ class VendMachine:
     # --- the actor ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time() + TICK_S
         while True:
+            # The tick keeps its pace however busy the queue is: a client sending ops (or a
+            # device sending events) more often than TICK_S must not hold back the credit
+            # time-out or the expiry of a QR order.
+            if loop.time() >= next_tick:
+                next_tick = loop.time() + TICK_S
+                with self._flow_ids({}):
+                    await self._tick()
+                continue
             try:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for can lose a cancellation
                 # that arrives as a job does, and the daemon could not stop this loop.
-                async with asyncio.timeout(TICK_S):
+                async with asyncio.timeout(next_tick - loop.time()):
                     job = await self._jobs.get()
             except TimeoutError:
-                with self._flow_ids({}):
-                    await self._tick()
                 continue
             with self._flow_ids(job.log_ids):
                 await self._run_job(job)
