@@ -29,7 +29,7 @@ import signal
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -49,17 +49,21 @@ from drivers.motor.base import MotorBoard
 from drivers.motor.vmc96 import Vmc96Board
 from vmc.cash import MdbBills, MdbChanger
 from vmc.children import Child, start_child
-from vmc.cloud.commands import CommandProcessor
-from vmc.cloud.link import CloudLink, LinkState, LinkStatus, software_version
-from vmc.cloud.sync import JournalSync
-from vmc.cloud.telemetry import Telemetry, build_telemetry
 from vmc.config import Config
 from vmc.control import ControlServer
 from vmc.errors import VmcError
 from vmc.journal import Journal, JournalCorrupt
 from vmc.journal.recovery import DeviceFacts, stock_levels
 from vmc.machine import MDB_LINK_FAULT, STOPPING_FAULT, VendMachine
-from vmc.payments.qr import QrPayments
+
+if TYPE_CHECKING:
+    # Imported where the cloud link starts: a cash-only machine never loads them (MQTT, TLS,
+    # cryptography, qrcode and PIL are half the daemon's memory; bench/footprint.py).
+    from vmc.cloud.commands import CommandProcessor
+    from vmc.cloud.link import CloudLink, LinkStatus
+    from vmc.cloud.sync import JournalSync
+    from vmc.cloud.telemetry import Telemetry
+    from vmc.payments.qr import QrPayments
 
 log = structlog.get_logger("vmc.daemon")
 
@@ -304,6 +308,12 @@ class Daemon:
         cloud = self.config.cloud
         if not cloud.enabled:
             return
+        from vmc.cloud.commands import CommandProcessor
+        from vmc.cloud.link import CloudLink, LinkState, software_version
+        from vmc.cloud.sync import JournalSync
+        from vmc.cloud.telemetry import Telemetry
+        from vmc.payments.qr import QrPayments
+
         journal, machine = self.journal, self.machine
         assert journal is not None and machine is not None
         # QR payment is a method of the vend cycle (vmc/payments/qr.py), offered while the link
@@ -367,6 +377,9 @@ class Daemon:
             unsubscribe()
 
     def _telemetry_payload(self) -> dict[str, Any]:
+        from vmc.cloud.link import software_version
+        from vmc.cloud.telemetry import build_telemetry
+
         machine, journal = self.machine, self.journal
         assert machine is not None
         return build_telemetry(
