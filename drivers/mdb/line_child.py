@@ -37,6 +37,14 @@ from drivers.mdb.pcap import PcapWriter
 FRAME_HEADER = struct.Struct(">I")
 #: Largest frame either side accepts (a request or reply is a few hundred bytes).
 MAX_FRAME_BYTES = 64 * 1024
+#: ``BusStats`` travels as a tuple of its fields in this order (``BusStats(*stats)`` rebuilds
+#: it). Not ``dataclasses.astuple``: it deep-copies every field, which cost more than
+#: the rest of a reply frame together (bench/footprint.py).
+STATS_FIELDS = tuple(field.name for field in dataclasses.fields(BusStats))
+
+
+def stats_tuple(stats: BusStats) -> tuple[int, ...]:
+    return tuple(getattr(stats, name) for name in STATS_FIELDS)
 
 
 def encode_frame(obj: dict[str, Any]) -> bytes:
@@ -70,7 +78,7 @@ def error_frame(req_id: int, exc: MdbError, stats: BusStats) -> dict[str, Any]:
         "msg": str(exc),
         "addr": getattr(exc, "address", 0),
         "att": getattr(exc, "attempts", 0),
-        "stats": dataclasses.astuple(stats),
+        "stats": stats_tuple(stats),
     }
 
 
@@ -151,7 +159,7 @@ def serve(
                     "att": reply.attempts,
                     "rns": reply.reply_ns,
                     "ans": reply.ack_ns,
-                    "stats": dataclasses.astuple(engine.stats),
+                    "stats": stats_tuple(engine.stats),
                 }
             )
     except OSError:
