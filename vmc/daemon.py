@@ -138,6 +138,8 @@ class Daemon:
         self.control: ControlServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
+        #: Set once the journal is open (the MDB line starts meanwhile: see ``run``).
+        self._journal_open = asyncio.Event()
         self._failure: BaseException | None = None
         self._vend_task: asyncio.Task[None] | None = None
         #: The MDB link as the control interface shows it: {"state": "up"|"down", "detail"}.
@@ -279,6 +281,9 @@ class Daemon:
         self.spawn("journal-mdb-link", self._journal_link(state, detail))
 
     async def _journal_link(self, state: str, detail: str) -> None:
+        # A change while the journal is still opening is journaled once it is open; if it
+        # never opens, the daemon stops and this task is cancelled with the others.
+        await self._journal_open.wait()
         if self.journal is None:
             return
         try:
@@ -606,6 +611,9 @@ class Daemon:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             log.info("vmc starting", machine=self.config.machine.id, state_dir=str(self.state_dir))
+            # The MDB line process (a Python start-up of its own) starts while the journal
+            # opens: the first POLL comes that much sooner (bench/footprint.py).
+            mdb_started = asyncio.create_task(self._start_mdb(), name="mdb-start")
             try:
                 self.journal = await Journal.open(
                     self.state_dir, min_free_bytes=self.config.journal.min_free_bytes
@@ -617,8 +625,12 @@ class Daemon:
                     kept=list(exc.kept),
                 )
                 raise
+            finally:
+                if self.journal is None:
+                    await _cancel_start(mdb_started)
+            self._journal_open.set()
             stock = stock_levels(await self.journal.levels())
-            await self._start_mdb()
+            await mdb_started
             await self._start_motor(stock)
             await self._start_machine()
             await self._start_cloud()
@@ -761,6 +773,15 @@ def _format_now() -> str:
 
 async def _nothing() -> None:
     """A job for the vend cycle whose completion says every job queued before it is done."""
+
+
+async def _cancel_start(task: asyncio.Task[None]) -> None:
+    """Cancel a start-up step that is no longer wanted and wait for it; what it failed of
+    does not matter any more (the step that failed first is the one reported)."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: asyncio would log it at exit otherwise
 
 
 async def _stop_child(child: Child) -> None:

@@ -29,10 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
-from sqlite_utils import Database
-from sqlite_utils.migrations import Migrations
+if TYPE_CHECKING:
+    from sqlite_utils import Database
+    from sqlite_utils.migrations import Migrations
 
 from vmc.journal.records import (
     INTENT_TYPES,
@@ -135,13 +136,10 @@ HealthListener = Callable[[bool, str], None]
 
 
 # --------------------------------------------------------------------------------------------
-# Schema and migrations (sqlite-utils). Append new migrations at the end; never edit one that
-# has shipped.
-
-MIGRATIONS: Final = Migrations("vmc.journal")
+# Schema and migrations (sqlite-utils). Append new migrations to ``_MIGRATION_STEPS``; never
+# edit one that has shipped.
 
 
-@MIGRATIONS(name="0001_initial")
 def _migration_0001_initial(db: Database) -> None:
     db.table("state").create(
         {
@@ -195,30 +193,45 @@ def _migration_0001_initial(db: Database) -> None:
     db.table("scratch").create({"id": int, "payload": bytes}, pk="id")
 
 
-def _migration_names() -> tuple[str, ...]:
+#: Every migration, oldest first: (name, step).
+_MIGRATION_STEPS: Final = (("0001_initial", _migration_0001_initial),)
+
+
+@functools.cache
+def _migrations() -> tuple[Migrations, tuple[str, ...]]:
+    """The migration set and the names it knows. sqlite-utils (with click, pluggy, dateutil)
+    is imported here, by the journal's thread as it opens, not at the daemon's start-up: the
+    MDB line starts meanwhile (bench/footprint.py)."""
+    from sqlite_utils import Database
+    from sqlite_utils.migrations import Migrations
+
+    migrations = Migrations("vmc.journal")
+    for name, step in _MIGRATION_STEPS:
+        migrations(name=name)(step)
     empty = Database(memory=True, execute_plugins=False)
     try:
-        return tuple(m.name for m in MIGRATIONS.pending(empty))
+        names = tuple(m.name for m in migrations.pending(empty))
     finally:
         empty.close()
-
-
-MIGRATION_NAMES: Final = _migration_names()
+    return migrations, names
 
 
 def apply_migrations(conn: sqlite3.Connection) -> int:
     """Apply pending migrations; returns the schema version (number applied). Refuses a database
     that carries migrations this version does not know (opened by a newer vmc)."""
+    from sqlite_utils import Database  # loaded by _migrations(); see there
+
+    migrations, known = _migrations()
     db = Database(conn, execute_plugins=False)
-    applied = [m.name for m in MIGRATIONS.applied(db)]
-    unknown = [name for name in applied if name not in MIGRATION_NAMES]
+    applied = [m.name for m in migrations.applied(db)]
+    unknown = [name for name in applied if name not in known]
     if unknown:
         raise SchemaTooNew(
             f"journal database has schema migrations this vmc does not know: {', '.join(unknown)}"
         )
-    if MIGRATIONS.pending(db):
-        MIGRATIONS.apply(db)
-    version = len(MIGRATIONS.applied(db))
+    if migrations.pending(db):
+        migrations.apply(db)
+    version = len(migrations.applied(db))
     # Written only on change: an up-to-date database on a read-only medium must still open.
     if conn.execute("PRAGMA user_version").fetchone()[0] != version:
         conn.execute(f"PRAGMA user_version = {version}")
