@@ -186,7 +186,7 @@ class _ParentLogHandler(logging.Handler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m drivers.mdb.line_process")
+    parser = argparse.ArgumentParser(prog="python -m drivers.mdb.line_child")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--kind", required=True)
     parser.add_argument("--port", required=True)
