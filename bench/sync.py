@@ -29,9 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
-import getpass
-import ipaddress
 import json
 import os
 import resource
@@ -47,18 +44,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import paho.mqtt.client as paho
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from bench._vend_sims import TimedCoinChanger, TimedVmc96Simulator
 from bench.vend import EventListener, VendBench, write_bench_config
 from hil.backend.commands import CommandSigner
 from hil.harness import Daemon, JsonLineClient
 from hil.sim.bus import SimBus
-from tests.mqtt_broker import Broker, free_port, mosquitto_binary
+from tests.mqtt_broker import Broker
 from tests.tcp_proxy import TcpProxy
+from tests.tls_broker import TlsBroker, make_certificates
 from vmc.cloud.link import CloudLink
 from vmc.cloud.sync import JournalSync, encode_record
 from vmc.cloud.telemetry import Telemetry
@@ -254,115 +248,6 @@ def run_drain(plan: Plan, work: Path, cloud: dict[str, object]) -> tuple[DrainRe
 # --- 2. the daemon over TLS ----------------------------------------------------------------
 
 
-def make_certificates(folder: Path) -> dict[str, Path]:
-    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
-    folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
-
-    def key() -> ec.EllipticCurvePrivateKey:
-        return ec.generate_private_key(ec.SECP256R1())
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write(stem: str, cert: x509.Certificate, k: ec.EllipticCurvePrivateKey) -> None:
-        (folder / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (folder / f"{stem}.key").write_bytes(
-            k.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-
-    ca_key = key()
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("vmc bench CA"))
-        .issuer_name(name("vmc bench CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    write("ca", ca, ca_key)
-    for stem, cn, san in (
-        ("server", "127.0.0.1", x509.IPAddress(ipaddress.ip_address("127.0.0.1"))),
-        ("client", MACHINE, x509.DNSName("bench-client")),
-    ):
-        k = key()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(ca.subject)
-            .public_key(k.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        write(stem, cert, k)
-    return {
-        n: folder / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")
-    }
-
-
-class TlsBroker:
-    """mosquitto with a plain listener (the backend, the bench's publisher) and a TLS listener
-    that requires a client certificate of the bench CA (the machine, through the proxy)."""
-
-    def __init__(self, workdir: Path, certs: dict[str, Path]) -> None:
-        binary = mosquitto_binary()
-        if binary is None:
-            raise RuntimeError("mosquitto is not installed (scripts/test installs it)")
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.port, self.tls_port = free_port(), free_port()
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(
-            "\n".join(
-                [
-                    f"user {getpass.getuser()}",
-                    "allow_anonymous true",
-                    f"log_dest file {workdir / 'mosquitto.log'}",
-                    f"listener {self.port} 127.0.0.1",
-                    f"listener {self.tls_port} 127.0.0.1",
-                    f"cafile {certs['ca.crt']}",
-                    f"certfile {certs['server.crt']}",
-                    f"keyfile {certs['server.key']}",
-                    "require_certificate true",
-                    "",
-                ]
-            )
-        )
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 15
-        while not all(self._accepts(p) for p in (self.port, self.tls_port)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                log = (workdir / "mosquitto.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"mosquitto with TLS did not start: {log}")
-            time.sleep(0.05)
-
-    @staticmethod
-    def _accepts(port: int) -> bool:
-        import socket
-
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return True
-        return False
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 def cloud_lines(port: int, certs: dict[str, Path], public_key: str) -> list[str]:
     return [
         "[cloud]",
@@ -516,7 +401,7 @@ def units(tls_port: int, certs: dict[str, Path], payload: bytes, plan: Plan) -> 
 def run_daemon(plan: Plan, work: Path) -> WireResult:
     """QR vends and bytes on the wire, the daemon over TLS through a counting proxy."""
     out = WireResult()
-    certs = make_certificates(work / "tls")
+    certs = make_certificates(work / "tls", client_cn=MACHINE)
     signer = CommandSigner.generate()
     broker = TlsBroker(work / "tls-broker", certs)
     coin = TimedCoinChanger()
@@ -571,6 +456,9 @@ def run_daemon(plan: Plan, work: Path) -> WireResult:
                 "the machine idle with QR offered",
                 T_STEP_S,
             )
+            # A customer comes after the last product has fallen past the drop sensor; a vend
+            # straight after it would wait for the beam to clear (vmc96 T_BEAM_SETTLE_S).
+            wait_for(lambda: not motor.beam_blocked(), "the drop sensor clear")
             shown = control.call({"op": "qr_order", "slot": "A1"})
             if not shown.get("ok"):
                 raise RuntimeError(f"qr_order refused: {shown}")

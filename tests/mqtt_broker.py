@@ -58,6 +58,9 @@ class Broker:
         self.config_path.write_text(
             "\n".join(
                 [
+                    # Send small packets at once, as production brokers do (EMQX and HiveMQ
+                    # default to it); mosquitto's default leaves Nagle's algorithm on.
+                    "set_tcp_nodelay true",
                     f"listener {self.port} 127.0.0.1",
                     # Run as whoever runs the tests: started as root, mosquitto would switch to
                     # the user "mosquitto" and could not write its persistence file here.

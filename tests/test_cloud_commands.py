@@ -417,3 +417,37 @@ async def test_a_remote_price_change_during_a_session_keeps_the_credit(bench: Be
     assert (await bench.rig.machine.select("A1"))["error"] == "insufficient_credit"
     await bench.rig.insert(50)
     assert (await bench.rig.machine.select("A1"))["price"] == 200
+
+
+async def test_a_flood_of_refused_commands_is_journaled_as_a_summary(bench: Bench) -> None:
+    """Junk on the command topic cannot fill the disk: per window the first refusals are
+    journaled one by one, the rest counted and journaled as one record when the window is
+    over; every command still gets its result."""
+    from vmc.cloud.commands import REFUSAL_WINDOW_S, REFUSALS_JOURNALED_PER_WINDOW
+
+    extra = 12
+    for i in range(REFUSALS_JOURNALED_PER_WINDOW + extra):
+        forged = FORGER.payload(MACHINE_ID, *set_price(), cmd_id=f"junk-{i}", now=bench.clock.now)
+        result = await bench.send(forged)
+        assert result == {"cmd_id": f"junk-{i}", "ok": False, "error": "bad_signature"}
+    records = await bench.security()
+    assert len(records) == REFUSALS_JOURNALED_PER_WINDOW
+    assert {r["what"] for r in records} == {"command refused"}
+
+    bench.clock.now += timedelta(seconds=REFUSAL_WINDOW_S)
+    result = await bench.send(bench.payload("set_price", {"slot": "A1"}, cmd_id="late-1"))
+    assert result == {"cmd_id": "late-1", "ok": False, "error": "invalid"}
+    records = await bench.security()
+    assert len(records) == REFUSALS_JOURNALED_PER_WINDOW + 2
+    summary = records[REFUSALS_JOURNALED_PER_WINDOW]
+    assert summary["what"] == "commands refused"
+    assert summary["detail"].startswith(f"{extra} more refused")
+    assert "bad_signature 12" in summary["detail"]
+    assert records[-1]["what"] == "command refused"  # a new window: one by one again
+
+    # What a window counted is journaled when the daemon stops, too.
+    for i in range(REFUSALS_JOURNALED_PER_WINDOW):
+        await bench.send(FORGER.payload(MACHINE_ID, *set_price(), cmd_id=f"more-{i}"))
+    await bench.restart()
+    last = (await bench.security())[-1]
+    assert last["what"] == "commands refused" and last["detail"].startswith("1 more refused")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +21,7 @@ import structlog.testing
 
 from tests.mqtt_broker import Broker, mosquitto_binary
 from tests.tcp_proxy import TcpProxy
+from tests.tls_broker import TlsBroker, make_certificates
 from vmc.cloud.link import CloudLink, LinkState, LinkStatus, tls_context
 from vmc.config import CloudConfig, parse_config
 
@@ -147,7 +150,7 @@ async def test_will_on_a_cut_link_then_reconnects_with_logs(
     text = [(e["log_level"], e["event"]) for e in logs if e["event"].startswith("cloud link")]
     warnings = [m for lvl, m in text if lvl == "warning"]
     assert warnings == ["cloud link down"], text
-    assert any(lvl == "debug" and "still down" in m for lvl, m in text), text
+    assert any(lvl == "debug" and m == "cloud link down" for lvl, m in text), text
     assert any(lvl == "info" and "up again" in m for lvl, m in text), text
 
 
@@ -389,3 +392,91 @@ def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
     assert 1.0 <= waits[0] <= 6.0
     assert all(w <= 60.0 for w in waits)
     assert waits[-1] == 60.0
+
+
+def _nodelay_of_connections_to(port: int) -> list[bool]:
+    """TCP_NODELAY of this process's sockets connected to 127.0.0.1:``port`` (read through
+    duplicates of their descriptors)."""
+    found = []
+    for entry in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if not os.readlink(entry).startswith("socket:"):
+                continue
+            with socket.fromfd(int(entry.name), socket.AF_INET, socket.SOCK_STREAM) as sock:
+                if sock.getpeername() != ("127.0.0.1", port):
+                    continue
+                found.append(bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+    return found
+
+
+def _tls_config(port: int, certs: dict[str, Path], **overrides: Any) -> CloudConfig:
+    return cloud_config(
+        port,
+        tls=True,
+        ca_file=str(certs["ca.crt"]),
+        cert_file=str(certs["client.crt"]),
+        key_file=str(certs["client.key"]),
+        **overrides,
+    )
+
+
+async def test_tls_handshake_with_client_certificate_and_nodelay(tmp_path: Path) -> None:
+    """The real handshake against mosquitto requiring a client certificate: up over TLS 1.2+,
+    the online status reaches a plain subscriber, and the socket sends small packets at once
+    (TCP_NODELAY: a command's PUBACK and result are not held for a delayed ACK)."""
+    certs = make_certificates(tmp_path / "certs", client_cn=MACHINE)
+    with TlsBroker(tmp_path / "broker", certs) as broker:
+        observer = Observer(broker.port)
+        ready = asyncio.Event()
+        reader = asyncio.create_task(observer.run([f"vmc/{MACHINE}/status"], ready))
+        await asyncio.wait_for(ready.wait(), WAIT_S)
+        link = CloudLink(_tls_config(broker.tls_port, certs), MACHINE, boot_id="b", version="1")
+        task = asyncio.create_task(link.run())
+        try:
+            await wait_state(link, LinkState.UP)
+            await observer.wait_for("online over TLS", lambda: observer.on("status"))
+            assert observer.on("status")[0]["online"] is True
+            assert _nodelay_of_connections_to(broker.tls_port) == [True]
+        finally:
+            await link.stop()
+            await asyncio.wait_for(task, 2)
+            reader.cancel()
+
+
+@pytest.mark.parametrize("fault", ["server_name", "foreign_client_certificate"])
+async def test_tls_refused_for_a_wrong_server_name_or_a_foreign_client_certificate(
+    tmp_path: Path, fault: str
+) -> None:
+    """A broker certificate for another address fails the host name check; a machine whose
+    certificate another CA signed is refused by the broker. Either way the link stays down,
+    says why, and never reaches UP."""
+    server_ip = "127.0.0.2" if fault == "server_name" else "127.0.0.1"
+    certs = make_certificates(tmp_path / "certs", client_cn=MACHINE, server_ip=server_ip)
+    with TlsBroker(tmp_path / "broker", certs) as broker:
+        overrides: dict[str, Any] = {}
+        if fault == "foreign_client_certificate":
+            other = make_certificates(tmp_path / "other-ca", client_cn=MACHINE)
+            overrides = {"cert_file": other["client.crt"], "key_file": other["client.key"]}
+        config = replace(_tls_config(broker.tls_port, certs), **overrides)
+        link = CloudLink(config, MACHINE, boot_id="b", version="1")
+        changes: list[LinkStatus] = []
+        link.add_listener(changes.append)
+        task = asyncio.create_task(link.run())
+        try:
+            deadline = time.monotonic() + WAIT_S
+            while not any(c.state is LinkState.DOWN for c in changes):
+                assert time.monotonic() < deadline, f"no DOWN state: {changes}"
+                await asyncio.sleep(0.02)
+        finally:
+            await link.stop()
+            await asyncio.wait_for(task, 2)
+        assert LinkState.UP not in [c.state for c in changes]
+        reason = next(c.detail for c in changes if c.state is LinkState.DOWN).lower()
+        assert "internal error" not in reason
+        if fault == "server_name":
+            assert "certificate verify failed" in reason and "127.0.0.1" in reason
+        else:
+            # TLS 1.3: the client's handshake ends before the broker checks its certificate,
+            # so the refusal shows as an alert, a closed connection or no CONNACK.
+            words = ("ssl", "certificate", "closed", "eof", "timed out")
+            assert any(word in reason for word in words), reason

@@ -794,7 +794,7 @@ def test_redacted_hides_the_password_and_keeps_paths() -> None:
     assert shown["slot"][1]["name"] == "Water"
     assert shown["mdb"]["port"] == "" and shown["mdb"]["pcap"] == ""
     assert set(shown) == {
-        "machine", "log", "mdb", "motor", "vend", "control", "journal", "cloud", "slot"
+        "machine", "log", "mdb", "motor", "vend", "control", "journal", "cloud", "dex", "slot"
     }  # fmt: skip
 
 

@@ -435,7 +435,9 @@ def test_mdb_link_down_takes_the_machine_out_of_service_and_back(tmp_path: Path)
         lines = list(d.log_lines())
         down_lines = [line for line in lines if line.get("event") == "mdb link down"]
         up_lines = [line for line in lines if line.get("event") == "mdb link up again"]
-        assert [line["level"] for line in down_lines] == ["warning"]
+        # The loss at WARNING; failed reopenings, the same condition, at DEBUG.
+        levels = [line["level"] for line in down_lines]
+        assert levels[:1] == ["warning"] and set(levels[1:]) <= {"debug"}, levels
         assert [line["level"] for line in up_lines] == ["info"]
     finally:
         bus.stop()

@@ -203,6 +203,7 @@ def test_every_record_type_has_a_schema_and_known_deltas() -> None:
         "door",
         "security",
         "recovery",
+        "audit_read",
     } == set(RECORD_TYPES)
 
 

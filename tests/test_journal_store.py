@@ -32,7 +32,7 @@ from vmc.journal import (
     console_source,
     remote_source,
 )
-from vmc.journal.store import MAX_BATCH_RECORDS, database_path, open_readonly
+from vmc.journal.store import MAX_BATCH_RECORDS, MIGRATION_NAMES, database_path, open_readonly
 
 
 async def _all_seqs(journal: Journal) -> list[int]:
@@ -46,7 +46,7 @@ async def test_open_creates_a_wal_database_with_a_journal_id_and_a_boot_record(
     try:
         assert len(journal.journal_id) == 32
         int(journal.journal_id, 16)
-        assert journal.schema_version == 1
+        assert journal.schema_version == len(MIGRATION_NAMES) == 2
         assert journal.last_seq == 1 and journal.writable
         (boot,) = await journal.records()
         assert (boot.seq, boot.type, boot.data) == (1, "boot", {"version": "1.2.3"})
@@ -58,7 +58,7 @@ async def test_open_creates_a_wal_database_with_a_journal_id_and_a_boot_record(
     conn = open_readonly(database_path(tmp_path))
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     finally:
         conn.close()
 

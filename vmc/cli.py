@@ -25,7 +25,10 @@ EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 
 # Optional command groups: module name and the function that adds its sub-commands.
-_PLUGINS = (("vmc.journal.cli", "add_journal_commands"),)
+_PLUGINS = (
+    ("vmc.journal.cli", "add_journal_commands"),
+    ("vmc.dex.cli", "add_dex_commands"),
+)
 
 
 def _package_version() -> str:

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error")
-LOG_FORMATS = ("auto", "json", "console")
+LOG_FORMATS = ("auto", "json", "journal", "console")
 MDB_LINKS = ("uart", "stream")
 MOTOR_DRIVERS = ("vmc96",)
 # The placeholders a QR order URL may use; the cloud link fills them per order.
@@ -557,7 +557,8 @@ class LogConfig(_Section):
     DESCRIPTION: ClassVar[str] = "log settings"
 
     level: str = field(default="info", metadata=_spec(_Choice(LOG_LEVELS)))
-    # auto: a readable console format on a terminal, JSON lines otherwise (journald, files).
+    # auto: JSON lines with syslog level prefixes when stdout is journald ("journal"), a
+    # readable console format on a terminal, JSON lines otherwise (docs/logging.md).
     format: str = field(default="auto", metadata=_spec(_Choice(LOG_FORMATS)))
 
 
@@ -774,6 +775,23 @@ class CloudConfig(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class DexConfig(_Section):
+    """``[dex]``: the EVA-DTS audit port a route technician's handheld reads (docs/dex.md)."""
+
+    DESCRIPTION: ClassVar[str] = "DEX audit settings"
+
+    # Absent: no DEX port (the report is still read with ``vmc dex``, the console, the cloud).
+    port: str | None = field(default=None, metadata=_spec(_SerialPort()))
+    # The DEX communication id (DXS, the handshakes); "" = made of machine.id.
+    comm_id: str = field(
+        default="",
+        metadata=_spec(_Pattern(r"([A-Z0-9]{10})?", '10 upper-case letters or digits, or ""')),
+    )
+    # A handheld's read starts the interim counters anew once the transfer completed.
+    reset_on_read: bool = field(default=True, metadata=_spec(_Boolean()))
+
+
+@dataclass(frozen=True, kw_only=True)
 class SlotConfig(_Section):
     """``[[slot]]``: one product position in the motor matrix and its initial stock."""
 
@@ -815,6 +833,7 @@ class Config(_Section):
     control: ControlConfig = field(metadata=_spec(_Table(ControlConfig, when_absent={})))
     journal: JournalConfig = field(metadata=_spec(_Table(JournalConfig, when_absent={})))
     cloud: CloudConfig = field(metadata=_spec(_Table(CloudConfig, when_absent={})))
+    dex: DexConfig = field(metadata=_spec(_Table(DexConfig, when_absent={})))
     slots: tuple[SlotConfig, ...] = field(metadata=_spec(_TableArray(SlotConfig), key="slot"))
 
     def _finish(self, key: str) -> None:

@@ -51,9 +51,11 @@ from vmc.cash import MdbBills, MdbChanger
 from vmc.children import Child, start_child
 from vmc.config import Config
 from vmc.control import ControlServer
+from vmc.dex.hooks import cloud_dex_hook, dex_port_task
 from vmc.errors import VmcError
 from vmc.journal import Journal, JournalCorrupt
 from vmc.journal.recovery import DeviceFacts, stock_levels
+from vmc.log import FailureLog
 from vmc.machine import MDB_LINK_FAULT, STOPPING_FAULT, VendMachine
 
 if TYPE_CHECKING:
@@ -144,6 +146,7 @@ class Daemon:
         self._vend_task: asyncio.Task[None] | None = None
         #: The MDB link as the control interface shows it: {"state": "up"|"down", "detail"}.
         self.mdb_link: dict[str, str] | None = None
+        self._mdb_link_log = FailureLog(log)
         self._last_device_event = 0.0
         self._shut_down = False
         self.cloud: CloudLink | None = None
@@ -263,15 +266,18 @@ class Daemon:
         self.mdb_link = {"state": "up" if up else "down", "detail": detail}
         if up == was_up:
             # Still down, for a new reason (a reopening failed): no news for the operator.
-            log.debug("mdb link still down" if not up else "mdb link detail", detail=detail)
+            if up:
+                log.debug("mdb link detail", detail=detail)
+            else:
+                self._mdb_link_log.failed("mdb link down", detail=detail)
             return
         self._link_changed(up, detail)
 
     def _link_changed(self, up: bool, detail: str) -> None:
         if up:
-            log.info("mdb link up again", detail=detail)
+            self._mdb_link_log.recovered("mdb link up again", detail=detail)
         else:
-            log.warning("mdb link down", detail=detail)
+            self._mdb_link_log.failed("mdb link down", detail=detail)
         if self.machine is not None:
             self.machine.set_fault(MDB_LINK_FAULT, None if up else f"MDB link down: {detail}")
             self.machine.hub.publish(
@@ -348,6 +354,7 @@ class Daemon:
             commands=self.commands,
         )
         self.commands.on_sync = self.cloud.request_sync
+        self.commands.on_dex = cloud_dex_hook(self.config, journal, self.cloud.publish_json)
         self.cloud.add_listener(self._on_cloud_link)
         self.spawn("cloud-link", self.cloud.run())
         self.spawn("cloud-telemetry-changes", self._watch_for_telemetry())
@@ -592,13 +599,15 @@ class Daemon:
     async def _prune_daily(self) -> None:
         journal = self.journal
         assert journal is not None
+        failing = FailureLog(log)
         while True:
             try:
                 pruned = await journal.prune(_utc_now(), self.config.journal.retention_days)
+                failing.recovered("journal prune works again")
                 if pruned:
                     log.info("journal pruned", records=pruned)
             except VmcError as exc:
-                log.warning("journal prune failed", error=str(exc))
+                failing.failed("journal prune failed", error=str(exc))
             await asyncio.sleep(PRUNE_INTERVAL_S)
 
     # --- run -------------------------------------------------------------------------------
@@ -634,6 +643,9 @@ class Daemon:
             await self._start_motor(stock)
             await self._start_machine()
             await self._start_cloud()
+            dex_port = dex_port_task(self.config, self.journal)
+            if dex_port is not None:  # [dex] port: the handheld's audit port (vmc/dex/)
+                self.spawn("dex-port", dex_port)
             await self._until_accepting()
             self._log_running()
             await self._stop.wait()

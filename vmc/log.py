@@ -2,7 +2,14 @@
 
 Both kinds of record end in the same handler on the root logger and are rendered the same way:
 one JSON object per line (``ts`` RFC 3339 UTC with milliseconds, ``level``, ``logger``,
-``event``, then the event's own fields), or a readable console line on a terminal.
+``event``, then the event's own fields), or a readable console line on a terminal. Under
+systemd (stdout connected to journald) each JSON line starts with its syslog level, ``<4>`` for
+a warning, so that ``journalctl -p`` filters by it (sd-daemon(3)). docs/logging.md has the
+fields, the levels and how to read the log.
+
+The ids of a flow (``session_id``, ``order_id``, ``vend_id``, ``cmd_id``) are structlog context
+variables: bound once where the flow runs (:func:`bound_ids`), they are on every line logged in
+it, and gone after it.
 
 A TRACE level (5, below DEBUG) carries raw bus bytes. structlog's bound logger has no
 ``trace`` method and its level table stops at DEBUG, so ``vmc`` code uses :func:`trace` or
@@ -18,12 +25,15 @@ stdout (journald under load, a paused terminal) never blocks the event loop.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import logging
 import logging.handlers
+import os
 import queue
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, cast
@@ -31,12 +41,21 @@ from typing import IO, Any, cast
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from drivers.recurring import FailureLog
+
 __all__ = [
+    "FLOW_IDS",
+    "FORMATS",
     "LEVELS",
     "TRACE",
+    "FailureLog",
     "VmcLogger",
+    "bind_ids",
+    "bound_ids",
     "configure_logging",
+    "current_ids",
     "get_logger",
+    "resolve_format",
     "shutdown_logging",
     "trace",
 ]
@@ -49,7 +68,11 @@ LEVELS: Mapping[str, int] = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
-FORMATS = ("auto", "json", "console")
+#: auto: ``journal`` when stdout is connected to journald, ``console`` on a terminal, ``json``
+#: otherwise. ``journal`` is ``json`` with a syslog level prefix on each line.
+FORMATS = ("auto", "json", "journal", "console")
+#: The ids a flow binds for its lines (:func:`bound_ids`).
+FLOW_IDS = ("session_id", "order_id", "vend_id", "cmd_id")
 
 # Level numbers of every method name a processor can see, TRACE included.
 _METHOD_LEVELS: Mapping[str, int] = {
@@ -64,6 +87,17 @@ _FIRST_KEYS = ("ts", "level", "logger", "event")
 _LEVEL_NAMES: Mapping[int, str] = {
     **{number: name for name, number in LEVELS.items()},
     logging.CRITICAL: "critical",
+}
+
+# The syslog priority journald reads from a "<N>" at the start of a line (sd-daemon(3):
+# SD_DEBUG 7, SD_INFO 6, SD_WARNING 4, SD_ERR 3, SD_CRIT 2). TRACE is below debug: 7 too.
+_SYSLOG_PRIORITY: Mapping[str, int] = {
+    "trace": 7,
+    "debug": 7,
+    "info": 6,
+    "warning": 4,
+    "error": 3,
+    "critical": 2,
 }
 
 logging.addLevelName(TRACE, "TRACE")
@@ -102,6 +136,44 @@ def trace(logger: VmcLogger | logging.Logger, event: str, **fields: Any) -> None
             logger.log(TRACE, event, extra=fields)
         return
     logger.trace(event, **fields)
+
+
+# --------------------------------------------------------------------------------------------
+# Flow ids
+# --------------------------------------------------------------------------------------------
+
+
+def current_ids() -> dict[str, Any]:
+    """The flow ids bound here now (to hand a flow on to another task or the actor)."""
+    bound = structlog.contextvars.get_contextvars()
+    return {key: bound[key] for key in FLOW_IDS if key in bound}
+
+
+def bind_ids(**ids: str | None) -> None:
+    """Bind flow ids from here on in this context (None ones are left out). Inside a
+    :func:`bound_ids` block they end with it."""
+    structlog.contextvars.bind_contextvars(**_given(ids))
+
+
+@contextlib.contextmanager
+def bound_ids(**ids: str | None) -> Iterator[None]:
+    """Bind flow ids (None ones are left out) for the block. At its end every flow id is as it
+    was before, also one bound inside the block with :func:`bind_ids`: an actor task that runs
+    one flow after another never carries a finished flow's ids into the next."""
+    before = current_ids()
+    structlog.contextvars.bind_contextvars(**_given(ids))
+    try:
+        yield
+    finally:
+        structlog.contextvars.unbind_contextvars(*FLOW_IDS)
+        structlog.contextvars.bind_contextvars(**before)
+
+
+def _given(ids: Mapping[str, str | None]) -> dict[str, str]:
+    unknown = set(ids) - set(FLOW_IDS)
+    if unknown:
+        raise ValueError(f"not a flow id: {', '.join(sorted(unknown))}")
+    return {key: value for key, value in ids.items() if value is not None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,13 +253,30 @@ _FOREIGN_CHAIN: list[Processor] = [
 ]
 
 
+class _JournalRenderer:
+    """JSON with the syslog priority in front: ``<4>{"ts": ..., "level": "warning", ...}``."""
+
+    def __init__(self) -> None:
+        self._json = structlog.processors.JSONRenderer(default=_json_default)
+
+    def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> str:
+        priority = _SYSLOG_PRIORITY.get(str(event_dict.get("level")), 6)
+        line = self._json(logger, method_name, event_dict)
+        # JSONRenderer gives str unless told to serialise to bytes (it is not here).
+        text = line.decode() if isinstance(line, bytes) else line
+        return f"<{priority}>{text}"
+
+
 def _formatter(fmt: str, colors: bool) -> structlog.stdlib.ProcessorFormatter:
     renderer: list[Processor]
-    if fmt == "json":
+    if fmt in ("json", "journal"):
+        # json.dumps escapes newlines in values (a traceback too): one record, one line.
         renderer = [
             structlog.processors.format_exc_info,
             _order_keys,
-            structlog.processors.JSONRenderer(default=_json_default),
+            _JournalRenderer()
+            if fmt == "journal"
+            else structlog.processors.JSONRenderer(default=_json_default),
         ]
     else:
         renderer = [structlog.dev.ConsoleRenderer(colors=colors, timestamp_key="ts")]
@@ -234,17 +323,15 @@ def shutdown_logging() -> None:
 def configure_logging(level: str, fmt: str, *, stream: IO[str] | None = None) -> None:
     """Send every log record (structlog and stdlib) to ``stream`` (default stdout).
 
-    ``level`` is one of ``trace``, ``debug``, ``info``, ``warning``, ``error``; ``fmt`` is
-    ``json``, ``console`` or ``auto`` (console when ``stream`` is a terminal, JSON otherwise).
-    Calling it again replaces the previous set-up.
+    ``level`` is one of ``trace``, ``debug``, ``info``, ``warning``, ``error``; ``fmt`` is one
+    of :data:`FORMATS` (``auto``: see :func:`resolve_format`). Calling it again replaces the
+    previous set-up.
     """
     if level not in LEVELS:
         raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
-    if fmt not in FORMATS:
-        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     out = stream if stream is not None else sys.stdout
     is_tty = _isatty(out)
-    resolved = ("console" if is_tty else "json") if fmt == "auto" else fmt
+    resolved = resolve_format(fmt, out)
 
     shutdown_logging()
     structlog.configure(
@@ -277,6 +364,33 @@ def configure_logging(level: str, fmt: str, *, stream: IO[str] | None = None) ->
     if not _State.atexit_registered:
         atexit.register(shutdown_logging)
         _State.atexit_registered = True
+
+
+def resolve_format(fmt: str, stream: IO[str]) -> str:
+    """The format ``fmt`` means for output to ``stream``: an explicit one is itself; ``auto`` is
+    ``journal`` when ``stream`` is connected to journald, ``console`` on a terminal, ``json``
+    otherwise."""
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if fmt != "auto":
+        return fmt
+    if _connected_to_journald(stream):
+        return "journal"
+    return "console" if _isatty(stream) else "json"
+
+
+def _connected_to_journald(stream: IO[str]) -> bool:
+    # systemd.exec(5): for a service whose stdout or stderr goes to the journal, systemd sets
+    # JOURNAL_STREAM to "DEVICE:INODE" (decimal) of that stream; a process checks that its own
+    # stdout is still that stream (not redirected by a wrapper) by comparing with fstat.
+    device, sep, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not sep:
+        return False
+    try:
+        status = os.fstat(stream.fileno())
+        return (status.st_dev, status.st_ino) == (int(device), int(inode))
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
 
 
 def _isatty(stream: IO[str]) -> bool:

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ from vmc.journal.recovery import (
     reconcile_devices,
     resolve_open_intents,
 )
+from vmc.log import bound_ids, current_ids
 from vmc.payments.base import Authoriser, Payment, PaymentMethod, Phase, Refusal
 from vmc.payments.cash import CashPayments
 from vmc.planogram import Slot, SlotChange
@@ -112,6 +113,8 @@ class _Job:
     #: A fact the devices already made true (a coin in a tube, coins out by hand, a bill
     #: stacked or returned): journaling it decides nothing, so a payout may run it first.
     fact: bool = False
+    #: The flow ids of whoever submitted it (a command's ``cmd_id``): its lines carry them.
+    log_ids: dict[str, Any] = field(default_factory=current_ids)
 
 
 @dataclass
@@ -204,7 +207,9 @@ class VendMachine:
 
     def post(self, work: Work, *, fact: bool = False) -> None:
         """Queue work whose result nobody awaits (device events); ``fact``: see ``_Job``."""
-        self._jobs.put_nowait(_Job(work, fact=fact))
+        # A device event is the machine's, not the flow of whatever polled when it came (a
+        # payout inside a vend): it runs with the session's ids only.
+        self._jobs.put_nowait(_Job(work, fact=fact, log_ids={}))
 
     async def select(self, slot_id: str) -> dict[str, Any]:
         """A customer's selection: vend it for cash credit, or say why not."""
@@ -237,25 +242,40 @@ class VendMachine:
                 async with asyncio.timeout(TICK_S):
                     job = await self._jobs.get()
             except TimeoutError:
-                await self._tick()
+                with self._flow_ids({}):
+                    await self._tick()
                 continue
+            with self._flow_ids(job.log_ids):
+                await self._run_job(job)
+
+    @contextlib.contextmanager
+    def _flow_ids(self, queued: Mapping[str, Any]) -> Iterator[None]:
+        """One step of the actor logs with the ids of its flow (the cash session on, those of
+        whoever queued it); none is left bound for the next step."""
+        with bound_ids(**{"session_id": self.cash.session_id, **queued}):
             try:
-                result = await job.work()
-            except Refusal as exc:
-                if job.done is not None and not job.done.done():
-                    job.done.set_result({"ok": False, "error": exc.code, "message": str(exc)})
-                continue
-            except (JournalError, MdbError, MotorError) as exc:
-                log.error("vend cycle step failed", error=str(exc))
-                if job.done is not None and not job.done.done():
-                    job.done.set_result({"ok": False, "error": "fault", "message": str(exc)})
-                continue
-            except Exception as exc:
-                if job.done is not None and not job.done.done():
-                    job.done.set_exception(exc)
-                raise
+                yield
+            finally:
+                self.cash.end_session_if_done()
+
+    async def _run_job(self, job: _Job) -> None:
+        try:
+            result = await job.work()
+        except Refusal as exc:
             if job.done is not None and not job.done.done():
-                job.done.set_result(result)
+                job.done.set_result({"ok": False, "error": exc.code, "message": str(exc)})
+            return
+        except (JournalError, MdbError, MotorError) as exc:
+            log.error("vend cycle step failed", error=str(exc))
+            if job.done is not None and not job.done.done():
+                job.done.set_result({"ok": False, "error": "fault", "message": str(exc)})
+            return
+        except Exception as exc:
+            if job.done is not None and not job.done.done():
+                job.done.set_exception(exc)
+            raise
+        if job.done is not None and not job.done.done():
+            job.done.set_result(result)
 
     async def _tick(self) -> None:
         if "motor" in self.faults.reasons and self.motor is not None:
@@ -386,20 +406,23 @@ class VendMachine:
         intent_id = _new_id()
         about: dict[str, Any] = {"intent_id": intent_id, "slot": slot.id, "price": price}
         about.update(method=payment.method, **payment.refs)
-        await self.journal.append("vend_intent", about, source=payment.source)
-        self.set_phase(Phase.VENDING)
-        self.publish("vend_started", slot=slot.id, price=price)
-        try:
-            dropped, reason = await self._dispense_product(slot)
-            if dropped:
-                return await self._settle(slot, payment, about)
-            return await self._refund(slot, payment, about, reason)
-        finally:
-            # Also when a step failed (journal, bug) or the daemon is stopping: the machine must
-            # not stay "busy". An intent left open is resolved by start-up recovery (credit kept
-            # or a refund record, never a second vend).
-            if self.phase is not Phase.IDLE:
-                self.set_phase(Phase.IDLE)
+        # vend_id is the journal's intent_id: the vend's log lines join its records.
+        with bound_ids(vend_id=intent_id):
+            await self.journal.append("vend_intent", about, source=payment.source)
+            self.set_phase(Phase.VENDING)
+            self.publish("vend_started", slot=slot.id, price=price)
+            log.info("vend started", slot=slot.id, price=price, method=payment.method)
+            try:
+                dropped, reason = await self._dispense_product(slot)
+                if dropped:
+                    return await self._settle(slot, payment, about)
+                return await self._refund(slot, payment, about, reason)
+            finally:
+                # Also when a step failed (journal, bug) or the daemon is stopping: the machine
+                # must not stay "busy". An intent left open is resolved by start-up recovery
+                # (credit kept or a refund record, never a second vend).
+                if self.phase is not Phase.IDLE:
+                    self.set_phase(Phase.IDLE)
 
     async def _settle(self, slot: Slot, payment: Payment, about: dict[str, Any]) -> dict[str, Any]:
         fields = payment.sale_fields()
@@ -408,12 +431,14 @@ class VendMachine:
         price = about["price"]
         change = fields.get("change", 0)
         self.publish("sale", slot=slot.id, price=price, change=change, stock=slot.stock)
+        log.info("sold", slot=slot.id, price=price, change=change, stock=slot.stock)
         answer = await payment.settle()
         return {"ok": True, "slot": slot.id, "price": price, **answer}
 
     async def _refund(
         self, slot: Slot, payment: Payment, about: dict[str, Any], reason: str
     ) -> dict[str, Any]:
+        log.warning("vend failed", slot=slot.id, reason=reason)
         records = [("vend_failed", {**about, "reason": reason})]
         records += payment.refund_records(about["intent_id"], reason)
         await self.journal.append_many(records, source=payment.source)

@@ -24,6 +24,7 @@ from drivers.errors import MdbError, NakReceived, NoResponse
 from drivers.mdb.block import COMMAND_MASK
 from drivers.mdb.commands import ACK_ONLY, ACK_OR_DATA, CommandDef, ReplyShape
 from drivers.mdb.master import MdbBus, Priority, Reply
+from drivers.recurring import FailureLog
 
 log = logging.getLogger("drivers.mdb.device")
 
@@ -129,7 +130,7 @@ class MdbDevice(abc.ABC):
         self.enabled_wanted = False
         self._enabled_applied: bool | None = None
         self._last_answer = clock()
-        self._reported_offline = False
+        self._offline_log = FailureLog(log)
 
     # --- for subclasses ------------------------------------------------------------------
 
@@ -277,7 +278,7 @@ class MdbDevice(abc.ABC):
             try:
                 if self.state in (DeviceState.OFFLINE, DeviceState.STARTING):
                     await self.start_up()
-                    self._reported_offline = False
+                    self._offline_log.recovered(f"{self.NAME}: answers again", device=self.NAME)
                     continue
                 events = await self.poll_once()
                 restart = False
@@ -301,12 +302,11 @@ class MdbDevice(abc.ABC):
                     log.debug("%s: %s (silent %.2f s)", self.NAME, exc, silent_for)
                     await asyncio.sleep(self.poll_interval_s)
                     continue
-                if not self._reported_offline:
-                    log.warning("%s: offline: %s", self.NAME, exc)
-                    self._reported_offline = True
-                    if self.state is DeviceState.OFFLINE:  # absent from the start: say so once
-                        self.emit(StateChanged(self.NAME, DeviceState.OFFLINE, str(exc)))
-                else:
-                    log.debug("%s: still offline: %s", self.NAME, exc)
+                first = self._offline_log.failed(
+                    f"{self.NAME}: offline", device=self.NAME, error=str(exc)
+                )
+                if first and self.state is DeviceState.OFFLINE:
+                    # Absent from the start: say so once.
+                    self.emit(StateChanged(self.NAME, DeviceState.OFFLINE, str(exc)))
                 self._set_state(DeviceState.OFFLINE, str(exc))
                 await asyncio.sleep(OFFLINE_RETRY_S)

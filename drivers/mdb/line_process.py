@@ -63,6 +63,7 @@ from drivers.mdb.master import (
     Reply,
     Timing,
 )
+from drivers.recurring import FailureLog
 
 log = logging.getLogger("drivers.mdb.line_process")
 #: The TRACE level of drivers.mdb.master (raw bus bytes), named here for the child's log level.
@@ -119,6 +120,7 @@ class LineProcessMaster(MdbBus):
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
+        self._link_log = FailureLog(log)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._ready: asyncio.Future[None] | None = None
@@ -236,7 +238,7 @@ class LineProcessMaster(MdbBus):
             return  # closing, or the first start failed (``open`` raises that)
         if self._ready.exception() is not None:
             return
-        log.warning("mdb link lost: %s; reopening %s", error, self.port)
+        self._link_log.failed("mdb link lost; reopening", port=self.port, error=str(error))
         self._set_link(False, str(error))
         if self._reconnect_task is None or self._reconnect_task.done():
             self._reconnect_task = asyncio.create_task(self._reconnect(), name="mdb-reconnect")
@@ -244,20 +246,18 @@ class LineProcessMaster(MdbBus):
     async def _reconnect(self) -> None:
         await self._stop_child()
         wait_s = RECONNECT_FIRST_WAIT_S
-        failures = 0
         while not self._closed:
             await asyncio.sleep(random.uniform(wait_s / 2, wait_s))
             try:
                 await self._start_child()
             except (DriverError, OSError) as exc:
-                failures += 1
-                # First failure said above at WARNING; its repeats at DEBUG.
-                log.debug("mdb link: reopening %s failed (%d): %s", self.port, failures, exc)
+                # The loss was said at WARNING; these repeats go at DEBUG.
+                self._link_log.failed("mdb link lost; reopening", port=self.port, error=str(exc))
                 self._set_link(False, f"reopening {self.port} failed: {exc}")
                 wait_s = min(wait_s * 2, RECONNECT_MAX_WAIT_S)
                 continue
             self.reconnects += 1
-            log.info("mdb link back on %s after %d failed reopenings", self.port, failures)
+            self._link_log.recovered("mdb link back", port=self.port)
             return
 
     def _fail_all(self, error: DriverError) -> None:

@@ -43,6 +43,7 @@ from drivers.motor.base import (
     TurnAborted,
     TurnResult,
 )
+from drivers.recurring import FailureLog
 
 log = logging.getLogger("drivers.motor.vmc96")
 TRACE = 5  # below DEBUG: every frame exchanged
@@ -557,7 +558,7 @@ class Vmc96Board(MotorBoard):
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._link_lost = False
-        self._offline_logged = False
+        self._offline_log = FailureLog(log)
         self._stop_generation = 0
 
     # -- lifecycle --
@@ -655,9 +656,7 @@ class Vmc96Board(MotorBoard):
                 except (ConnectionError, OSError) as exc:
                     self._link_lost = True
                     raise self._offline(f"VMC96 link lost during {command.name}: {exc}") from exc
-                if self._offline_logged:
-                    log.warning("VMC96 on %s answers again", self.port)
-                    self._offline_logged = False
+                self._offline_log.recovered("VMC96 answers again", port=self.port)
                 return data
         raise self._offline(
             f"VMC96 on {self.port}: no reply to {command.name} after {attempts} attempt(s)"
@@ -683,8 +682,7 @@ class Vmc96Board(MotorBoard):
 
     def _offline(self, message: str) -> MotorBoardOffline:
         # First failure at WARNING, repeats at DEBUG until the board answers again.
-        log.log(logging.DEBUG if self._offline_logged else logging.WARNING, "%s", message)
-        self._offline_logged = True
+        self._offline_log.failed("VMC96 offline", port=self.port, error=message)
         return MotorBoardOffline(message)
 
     def _drain_replies(self) -> None:

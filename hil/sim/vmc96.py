@@ -420,6 +420,11 @@ class Vmc96Simulator:
         with self._lock:
             self.model.unplugged = unplugged
 
+    def beam_blocked(self) -> bool:
+        """Whether the drop sensor's latest sample is blocked (a product still crossing)."""
+        with self._lock:
+            return self.model.opto_samples()[-1]
+
     def set_beam_blocked(self, blocked: bool) -> None:
         with self._lock:
             self.model.set_beam_blocked(blocked)

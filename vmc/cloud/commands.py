@@ -38,11 +38,13 @@ import contextlib
 import hashlib
 import inspect
 import json
+import math
 import re
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -53,6 +55,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from vmc.config import Config
 from vmc.journal import Journal, JournalError, Source, remote_source
+from vmc.log import bind_ids, bound_ids
 from vmc.planogram import MAX_PRICE, MIN_PRICE, Slot, SlotChange
 
 log = structlog.get_logger("vmc.cloud.commands")
@@ -72,6 +75,11 @@ OUTBOX_MAX: Final = 1000
 COMMANDS_FILE: Final = "commands.sqlite3"
 #: What a security record's detail may hold (the journal's text limit).
 DETAIL_MAX: Final = 200
+#: Refusals journaled one by one per window; beyond that they are counted and journaled as one
+#: summary record when the window is over (at the next refusal, or when the daemon stops), so
+#: junk on the command topic cannot fill the disk with records.
+REFUSALS_JOURNALED_PER_WINDOW: Final = 30
+REFUSAL_WINDOW_S: Final = 60.0
 
 ED25519_SIGNATURE_BYTES: Final = 64  # RFC 8032 §5.1.6
 CMD_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # fits a journal record's source
@@ -114,6 +122,8 @@ class SlotChanger(Protocol):
 
 Clock = Callable[[], datetime]
 SyncHook = Callable[[], Awaitable[None] | None]
+#: ``dex``: publish the audit report (vmc/dex/); the result's error code or None.
+DexHook = Callable[[Source], Awaitable[str | None]]
 
 
 def utc_now() -> datetime:
@@ -435,6 +445,7 @@ class CommandProcessor:
         *,
         qr: QrOrders | None = None,
         on_sync: SyncHook | None = None,
+        on_dex: DexHook | None = None,
         clock: Clock = utc_now,
     ) -> None:
         self.config = config
@@ -443,10 +454,12 @@ class CommandProcessor:
         self.store = store
         self.qr = qr
         self.on_sync = on_sync
+        self.on_dex = on_dex
         self.clock = clock
         self.results_changed = asyncio.Event()
         self._outbox: list[tuple[int, dict[str, Any]]] = []
         self._lock = asyncio.Lock()
+        self._refusals = _RefusalWindow()
         raw = config.cloud.command_public_key_bytes
         self._key = None if raw is None else Ed25519PublicKey.from_public_bytes(raw)
         if self._key is None:
@@ -462,13 +475,16 @@ class CommandProcessor:
         state_dir: Path | None = None,
         qr: QrOrders | None = None,
         on_sync: SyncHook | None = None,
+        on_dex: DexHook | None = None,
         clock: Clock = utc_now,
     ) -> CommandProcessor:
         """Open ``commands.sqlite3`` in ``state_dir`` (default: beside the journal) and take
         up the results a previous run left unpublished."""
         folder = state_dir if state_dir is not None else journal.path.parent
         store = await CommandStore.open(folder / COMMANDS_FILE)
-        processor = cls(config, journal, machine, store, qr=qr, on_sync=on_sync, clock=clock)
+        processor = cls(
+            config, journal, machine, store, qr=qr, on_sync=on_sync, on_dex=on_dex, clock=clock
+        )
         processor._outbox = await store.start(clock().timestamp())
         if processor._outbox:
             log.info("unpublished command results from before", count=len(processor._outbox))
@@ -476,6 +492,7 @@ class CommandProcessor:
         return processor
 
     async def close(self) -> None:
+        await self._journal_unrecorded_refusals()
         await self.store.close()
 
     # --- CommandSink -----------------------------------------------------------------------
@@ -496,8 +513,10 @@ class CommandProcessor:
                 return
 
     async def handle(self, payload: bytes) -> None:
+        # The command's cmd_id is bound once known; it ends with the command.
         async with self._lock:
-            await self._handle(payload)
+            with bound_ids():
+                await self._handle(payload)
 
     # --- the steps ---------------------------------------------------------------------------
 
@@ -528,6 +547,7 @@ class CommandProcessor:
             expires = parse_time(body.get("expires_at")) if isinstance(body, dict) else None
             await self._refuse(refused, digest=digest, keep_until=_keep_until(now, expires))
             return
+        bind_ids(cmd_id=command.cmd_id)
         keep_until = _keep_until(now, command.expires_at)
         await self.store.begin(digest, command.cmd_id, keep_until)
         try:
@@ -626,8 +646,8 @@ class CommandProcessor:
                 raise Refused(INVALID, f"no slot {fields['slot']!r}")
             if command.type == "set_inventory" and fields["count"] > slot.capacity:
                 raise Refused(INVALID, f"count {fields['count']} over capacity {slot.capacity}")
-        if command.type == "dex":
-            raise Refused(INVALID, "dex arrives with the operations issue")
+        if command.type == "dex" and self.on_dex is None:
+            raise Refused(INVALID, "no audit report on this machine")
 
     async def _act(self, command: Command) -> str | None:
         """Carry out an accepted command; its result's error code or None."""
@@ -645,6 +665,9 @@ class CommandProcessor:
                     if inspect.isawaitable(done):
                         await done
                 return None
+            case "dex":
+                assert self.on_dex is not None  # _check_fields refused it otherwise
+                return await self.on_dex(source)
             case "vend":
                 if self.qr is None:
                     if fields["origin"] == "remote":
@@ -694,6 +717,22 @@ class CommandProcessor:
         await self._queue(result, digest=digest, keep_until=keep_until)
 
     async def _journal_refusal(self, refused: Refused) -> None:
+        now = self.clock().timestamp()
+        if now - self._refusals.started >= REFUSAL_WINDOW_S or now < self._refusals.started:
+            await self._journal_unrecorded_refusals()
+            self._refusals = _RefusalWindow(started=now)
+        window = self._refusals
+        window.count += 1
+        if window.count > REFUSALS_JOURNALED_PER_WINDOW:
+            window.unrecorded[refused.code] += 1
+            if sum(window.unrecorded.values()) == 1:
+                log.warning(
+                    "commands refused in a flood: counted, journaled as one record",
+                    per_window=REFUSALS_JOURNALED_PER_WINDOW,
+                    window_s=REFUSAL_WINDOW_S,
+                )
+            log.debug("command refused", code=refused.code, cmd_id=refused.cmd_id)
+            return
         log.warning(
             "command refused", code=refused.code, reason=refused.reason, cmd_id=refused.cmd_id
         )
@@ -704,6 +743,25 @@ class CommandProcessor:
         }
         if refused.cmd_id is not None:
             data["cmd_id"] = refused.cmd_id
+        await self._journal_security(data)
+
+    async def _journal_unrecorded_refusals(self) -> None:
+        """The summary of a flood's window: how many refusals of each code were only counted."""
+        unrecorded = self._refusals.unrecorded
+        if not unrecorded:
+            return
+        total = sum(unrecorded.values())
+        codes = ", ".join(f"{code} {n}" for code, n in sorted(unrecorded.items()))
+        self._refusals.unrecorded = Counter()
+        await self._journal_security(
+            {
+                "what": "commands refused",
+                "detail": f"{total} more refused within {REFUSAL_WINDOW_S:g} s, "
+                f"counted only: {codes}"[:DETAIL_MAX],
+            }
+        )
+
+    async def _journal_security(self, data: dict[str, Any]) -> None:
         try:
             await self.journal.append("security", data)
         except JournalError as exc:
@@ -726,6 +784,15 @@ class CommandProcessor:
             self._outbox = [(n, r) for n, r in self._outbox if n not in dropped]
             log.warning("command results dropped: too many unpublished", dropped=len(dropped))
         self.results_changed.set()
+
+
+@dataclass
+class _RefusalWindow:
+    """Refusals counted since ``started`` (wall seconds), and those not journaled one by one."""
+
+    started: float = -math.inf
+    count: int = 0
+    unrecorded: Counter[str] = field(default_factory=Counter)
 
 
 def _keep_until(now: datetime, expires: datetime | None) -> float:

@@ -38,6 +38,7 @@ import structlog
 
 from vmc.cloud.link import MAX_PAYLOAD_BYTES, cancel_and_wait
 from vmc.journal import Journal, JournalClosed, JournalUnavailable
+from vmc.log import FailureLog
 
 if TYPE_CHECKING:
     from vmc.cloud.link import Session
@@ -102,6 +103,7 @@ class JournalSync:
         self.batches_sent = 0
         self.records_sent = 0
         self.resends = 0
+        self._no_ack_log = FailureLog(log)
         self.acks_applied = 0
         self.acks_ignored = 0
 
@@ -203,6 +205,7 @@ class JournalSync:
                 acked = self.acked
                 if acked != seen_acked:
                     seen_acked = acked
+                    self._no_ack_log.recovered("journal sync: acks again", acked=acked)
                     deadline = self._now() + self.ack_timeout_s if in_flight else None
                 while in_flight and in_flight[0] <= acked:
                     in_flight.popleft()
@@ -211,7 +214,8 @@ class JournalSync:
                 cursor = max(cursor, acked + 1)
                 if self._rewind or (deadline is not None and self._now() >= deadline):
                     if not self._rewind:
-                        log.warning(
+                        # A backend that stays silent: said once, then at DEBUG each time.
+                        self._no_ack_log.failed(
                             "journal sync: no ack, sending again",
                             from_seq=acked + 1,
                             waited_s=self.ack_timeout_s,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 
 from vmc.cloud.link import MAX_PAYLOAD_BYTES, LinkStatus, encode_payload
+from vmc.log import FailureLog
 
 if TYPE_CHECKING:
     from drivers.mdb.device import MdbDevice
@@ -164,6 +165,7 @@ class Telemetry:
         self._dirty = False
         self._requested = False
         self._last: dict[str, Any] | None = None
+        self._oversize_log = FailureLog(log)
         #: Messages published by this run, for tests and the bench.
         self.published = 0
         self.heartbeats = 0
@@ -182,9 +184,12 @@ class Telemetry:
         payload = self._build()
         data = encode_payload(payload)
         if len(data) > MAX_PAYLOAD_BYTES:  # a planogram of hundreds of slots
-            log.error("telemetry over 64 KiB: slots left out", size=len(data))
+            # Every publish until the planogram shrinks: said once, repeats at DEBUG.
+            self._oversize_log.failed("telemetry over 64 KiB: slots left out", size=len(data))
             payload = {**copy.copy(payload), "slots": None, "slots_omitted": True}
             data = encode_payload(payload)
+        else:
+            self._oversize_log.recovered("telemetry within 64 KiB again", size=len(data))
         await session.publish("telemetry", data, qos=0, retain=True)
         self._last = significant(payload)
         self.published += 1

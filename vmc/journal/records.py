@@ -225,6 +225,35 @@ _time = _pattern(re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z"), "an
 MAX_QR_TEXT: Final = 4000
 
 
+#: Counter names as counter_deltas makes them (an audit_read names every counter).
+COUNTER_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,120}")
+MAX_COUNTER_NAMES: Final = 10_000
+MAX_COUNTER_VALUE: Final = 2**53  # lifetime sums stay exact in the backend's JSON numbers
+#: An audit_read must fit a cloud message (64 KiB) with room to spare: about 800 counters.
+MAX_COUNTER_MAP_BYTES: Final = 32 * 1024
+
+
+def _counter_map(rtype: str, name: str, value: object) -> object:
+    if not isinstance(value, Mapping) or len(value) > MAX_COUNTER_NAMES:
+        raise RecordInvalid(
+            rtype, name, f"expected an object of at most {MAX_COUNTER_NAMES} counters"
+        )
+    result: dict[str, int] = {}
+    for key, number in value.items():
+        if not isinstance(key, str) or COUNTER_NAME_RE.fullmatch(key) is None:
+            raise RecordInvalid(rtype, name, f"expected counter names, found {key!r}")
+        if isinstance(number, bool) or not isinstance(number, int):
+            raise RecordInvalid(rtype, name, f"{key}: expected an integer, found {number!r}")
+        if not 0 <= number <= MAX_COUNTER_VALUE:
+            raise RecordInvalid(
+                rtype, name, f"{key}: expected 0..{MAX_COUNTER_VALUE}, found {number}"
+            )
+        result[key] = number
+    if len(encode_json(result)) > MAX_COUNTER_MAP_BYTES:
+        raise RecordInvalid(rtype, name, f"more than {MAX_COUNTER_MAP_BYTES} bytes of counters")
+    return result
+
+
 def _qr_text(rtype: str, name: str, value: object) -> object:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_QR_TEXT:
         raise RecordInvalid(rtype, name, f"expected a string of 1 to {MAX_QR_TEXT} characters")
@@ -401,6 +430,10 @@ SCHEMAS: Final[dict[str, _Spec]] = {
         "cmd_id": (_ident, False),
     },
     "recovery": {"intent_id": (_ident, True), "resolution": (_text, True), "detail": (_text, True)},
+    # An EVA-DTS audit read with reset (vmc/dex/): ``interim`` holds every counter's value
+    # since the previous reset as this read reported it; it moves into the ``audit.<counter>``
+    # levels, so the next interim starts anew. ``via``: who read (cli, console, cloud, dex_port).
+    "audit_read": {"interim": (_counter_map, True), "via": (_text, True)},
 }
 
 RECORD_TYPES: Final = frozenset(SCHEMAS)
@@ -586,9 +619,29 @@ def counter_deltas(record: Record) -> dict[str, int]:
             _add(deltas, "security.count", 1)
         case "recovery":
             _add(deltas, "recovery.count", 1)
+        case "device":
+            # Faults and lost devices are EVA-DTS events (vmc/dex/report.py): counted for life.
+            if data["state"] in DEVICE_EVENT_STATES:
+                _add(deltas, device_event_counter(data["device"], data["state"]), 1)
+        case "audit_read":
+            _add(deltas, "audit_read.count", 1)
         case _:
             pass
     return deltas
+
+
+#: The ``device`` record states counted as events (``device.<device>.<state>.count``).
+DEVICE_EVENT_STATES: Final = ("fault", "offline")
+
+
+def device_event_counter(device: str, state: str) -> str:
+    """The lifetime counter of one device's faults or losses."""
+    return f"device.{device}.{state}.count"
+
+
+def audit_level_name(counter: str) -> str:
+    """The level holding ``counter``'s value at the last audit read with reset."""
+    return f"audit.{counter}"
 
 
 def level_deltas(record: Record) -> dict[str, int]:
@@ -629,6 +682,9 @@ def level_deltas(record: Record) -> dict[str, int]:
         case "correction":
             if LEVEL_FIELD_RE.fullmatch(data["field"]):
                 _add(deltas, data["field"], data["found"] - data["expected"])
+        case "audit_read":
+            for counter, value in data["interim"].items():
+                _add(deltas, audit_level_name(counter), value)
         case _:
             pass
     return deltas

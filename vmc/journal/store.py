@@ -56,6 +56,7 @@ from vmc.journal.records import (
     validate,
     validate_source,
 )
+from vmc.log import FailureLog
 
 log = logging.getLogger("vmc.journal")
 
@@ -193,38 +194,52 @@ def _migration_0001_initial(db: Database) -> None:
     db.table("scratch").create({"id": int, "payload": bytes}, pk="id")
 
 
+def _migration_0002_device_event_counters(db: Database) -> None:
+    # counter_deltas now counts device faults and losses (EVA-DTS events). Records pruned
+    # before this had no such counter and their baseline has none, so counting the retained
+    # records keeps stored and recomputed counters equal (verify_counters).
+    db.execute(
+        "INSERT INTO counters (name, value) "
+        "SELECT 'device.' || json_extract(data, '$.device') || '.' "
+        "|| json_extract(data, '$.state') || '.count', COUNT(*) FROM records "
+        "WHERE type = 'device' AND json_extract(data, '$.state') IN ('fault', 'offline') "
+        "GROUP BY 1 ON CONFLICT(name) DO UPDATE SET value = value + excluded.value"
+    )
+
+
 #: Every migration, oldest first: (name, step).
-_MIGRATION_STEPS: Final = (("0001_initial", _migration_0001_initial),)
+_MIGRATION_STEPS: Final = (
+    ("0001_initial", _migration_0001_initial),
+    ("0002_device_event_counters", _migration_0002_device_event_counters),
+)
+
+
+#: The names of every migration this version knows, oldest first.
+MIGRATION_NAMES: Final = tuple(name for name, _step in _MIGRATION_STEPS)
 
 
 @functools.cache
-def _migrations() -> tuple[Migrations, tuple[str, ...]]:
-    """The migration set and the names it knows. sqlite-utils (with click, pluggy, dateutil)
-    is imported here, by the journal's thread as it opens, not at the daemon's start-up: the
-    MDB line starts meanwhile (bench/footprint.py)."""
-    from sqlite_utils import Database
+def _migrations() -> Migrations:
+    """The migration set. sqlite-utils (with click, pluggy, dateutil) is imported here, by the
+    journal's thread as it opens, not at the daemon's start-up: the MDB line starts meanwhile
+    (bench/footprint.py)."""
     from sqlite_utils.migrations import Migrations
 
     migrations = Migrations("vmc.journal")
     for name, step in _MIGRATION_STEPS:
         migrations(name=name)(step)
-    empty = Database(memory=True, execute_plugins=False)
-    try:
-        names = tuple(m.name for m in migrations.pending(empty))
-    finally:
-        empty.close()
-    return migrations, names
+    return migrations
 
 
 def apply_migrations(conn: sqlite3.Connection) -> int:
     """Apply pending migrations; returns the schema version (number applied). Refuses a database
     that carries migrations this version does not know (opened by a newer vmc)."""
-    from sqlite_utils import Database  # loaded by _migrations(); see there
+    from sqlite_utils import Database  # here, not at start-up: see _migrations
 
-    migrations, known = _migrations()
+    migrations = _migrations()
     db = Database(conn, execute_plugins=False)
     applied = [m.name for m in migrations.applied(db)]
-    unknown = [name for name in applied if name not in known]
+    unknown = [name for name in applied if name not in MIGRATION_NAMES]
     if unknown:
         raise SchemaTooNew(
             f"journal database has schema migrations this vmc does not know: {', '.join(unknown)}"
@@ -671,7 +686,7 @@ class _Writer(threading.Thread):
         self._lookahead: object | None = None
         self._commits_since_checkpoint = 0
         self.commits = 0  # append transactions committed (records per commit shows batching)
-        self._failures_logged = 0
+        self._unwritable_log = FailureLog(log)
         self._dir_fd: int | None = None  # the state folder, for fstatvfs before each batch
         self._reconnect_needed = False
         self._lock_fd: int | None = None  # flock held while this writer owns the database
@@ -693,14 +708,14 @@ class _Writer(threading.Thread):
         with self._health_lock:
             changed = ok != self.healthy
             self.healthy, self.health_reason = ok, reason
-        if not changed:
-            if not ok:
-                log.debug("journal still unwritable: %s", reason)
-            return
         if ok:
-            log.info("journal writable again")
+            self._unwritable_log.recovered("journal writable again")
         else:
-            log.warning("journal unwritable, money must not be taken: %s", reason)
+            self._unwritable_log.failed(
+                "journal unwritable, money must not be taken", reason=reason
+            )
+        if not changed:
+            return
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self._notify_health, ok, reason)
 
@@ -1090,7 +1105,6 @@ class _Writer(threading.Thread):
         self.pending_records = []
         self._commits_since_checkpoint += 1
         self.commits += 1
-        self._failures_logged = 0
         problem = self._reserve_problem(free)
         self.set_health(problem is None, problem or "ok")
         seq = self.last_seq + 1 - sum(len(job.items) for job in admitted)
@@ -1117,11 +1131,7 @@ class _Writer(threading.Thread):
     ) -> None:
         if cause is not None:
             exc.__cause__ = cause
-        if self._failures_logged == 0:
-            log.warning("journal append failed: %s", exc)
-        else:
-            log.debug("journal append failed again: %s", exc)
-        self._failures_logged += 1
+        # Logged once, as the journal's health (WARNING first, then DEBUG, INFO when it works).
         self.set_health(False, str(exc))
         self._settle_all([(job.future, None, exc) for job in batch])
 

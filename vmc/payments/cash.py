@@ -39,6 +39,7 @@ import structlog
 from drivers.errors import MdbError
 from drivers.mdb.change import can_pay_all_up_to, coins_within, plan_change
 from vmc.cash import BillPort, ChangerPort
+from vmc.log import bind_ids
 from vmc.payments.base import Payment, Phase, Refusal
 
 if TYPE_CHECKING:
@@ -109,6 +110,9 @@ class CashPayments:
         self.escrow_intent: tuple[str, int, int] | None = None  # (intent_id, bill_type, value)
         self.unsettled: OpenPayout | None = None  # a payout whose outcome is not known yet
         self.open_payout: OpenPayout | None = None  # the payout being paid now
+        #: The customer's cash session: from the first coin or bill until the credit is back to
+        #: zero with nothing pending. Bound as ``session_id`` on the log lines of the session.
+        self.session_id: str | None = None
 
     # --- state -------------------------------------------------------------------------------
 
@@ -170,6 +174,27 @@ class CashPayments:
             self.credit = credit
             self.machine.publish("credit", credit=credit)
 
+    # --- the session (for the log) -----------------------------------------------------------
+
+    def begin_session(self) -> None:
+        """Money comes in: a session begins unless one is on."""
+        if self.session_id is None:
+            self.session_id = _new_id()
+            bind_ids(session_id=self.session_id)
+            log.info("cash session started")
+
+    def end_session_if_done(self) -> None:
+        """After each step of the actor: the session ends when the credit is back to zero and
+        no bill, payout or vend is pending."""
+        if (
+            self.session_id is not None
+            and self.credit == 0
+            and not self.busy
+            and self.machine.phase is Phase.IDLE
+        ):
+            log.info("cash session ended")
+            self.session_id = None
+
     # --- authorise ---------------------------------------------------------------------------
 
     def _check_credit(self, slot: Slot) -> None:
@@ -196,6 +221,7 @@ class CashPayments:
 
     async def coin_in(self, coin_type: int, value: int, route: str) -> None:
         """A coin the changer took (it is already in a tube or the cashbox)."""
+        self.begin_session()
         await self.journal.append(
             "cash_in",
             {"amount": value, "device": "coin", "route": route, "coin_type": coin_type},
@@ -207,6 +233,7 @@ class CashPayments:
 
     async def bill_in_escrow(self, bill_type: int, value: int) -> None:
         """Decide, journal the decision, then tell the validator to stack or return."""
+        self.begin_session()
         machine = self.machine
         machine.touch()
         with_bill = self.credit + value
@@ -236,6 +263,7 @@ class CashPayments:
         await self.bills.escrow(stack)
 
     async def bill_stacked(self, bill_type: int, value: int) -> None:
+        self.begin_session()
         pending = self.escrow_intent
         data: dict[str, Any] = {
             "amount": value,

@@ -44,6 +44,7 @@ import qrcode
 import structlog
 
 from vmc.journal.records import LOCAL, Source, format_ts, remote_source
+from vmc.log import bind_ids, bound_ids
 from vmc.payments.base import Payment, RecordSpec, Refusal
 
 if TYPE_CHECKING:
@@ -263,6 +264,7 @@ class QrPayments:
             origin="machine",
         )
         order.qr = self.qr_text(order)
+        bind_ids(order_id=order.order_id)  # for this step of the actor
         await self.journal.append(
             "order",
             {
@@ -375,6 +377,10 @@ class QrPayments:
         return await self._vend(order, source)
 
     async def _vend(self, order: Order, source: Source) -> dict[str, Any]:
+        with bound_ids(order_id=order.order_id):
+            return await self._vend_order_now(order, source)
+
+    async def _vend_order_now(self, order: Order, source: Source) -> dict[str, Any]:
         machine = self.machine
         order.state = "vending"
         try:
@@ -403,6 +409,7 @@ class QrPayments:
 
     async def _close(self, order: Order, state: str, reason: str, source: Source) -> None:
         """Journal an order ``cancelled`` or ``expired``; it is no longer shown."""
+        bind_ids(order_id=order.order_id)  # for this step of the actor
         await self.journal.append(
             "order",
             {
