@@ -57,6 +57,7 @@ from vmc.journal import Journal, JournalCorrupt
 from vmc.journal.recovery import DeviceFacts, stock_levels
 from vmc.log import FailureLog
 from vmc.machine import MDB_LINK_FAULT, STOPPING_FAULT, VendMachine
+from vmc.service import ServiceReporter, reporter_from_environment, status_line
 
 if TYPE_CHECKING:
     # Imported where the cloud link starts: a cash-only machine never loads them (MQTT, TLS,
@@ -155,6 +156,8 @@ class Daemon:
         self._cloud_sync: JournalSync | None = None
         self._telemetry: Telemetry | None = None
         self._started_mono = 0.0
+        #: READY, STATUS, WATCHDOG, STOPPING for systemd (vmc/service.py), once running.
+        self.service: ServiceReporter | None = None
 
     # --- task supervision ------------------------------------------------------------------
 
@@ -596,6 +599,19 @@ class Daemon:
             devices=snapshot["devices"],
         )
 
+    def _start_service_reporting(self) -> None:
+        assert self.journal is not None
+        self.service = reporter_from_environment(self._service_status, self.journal, self.master)
+        if self.service.enabled:
+            self.service.ready()
+            self.spawn("service-reporting", self.service.run())
+
+    def _service_status(self) -> str:
+        assert self.machine is not None
+        return status_line(
+            self.machine.snapshot(), self.cloud.state.value if self.cloud is not None else None
+        )
+
     async def _prune_daily(self) -> None:
         journal = self.journal
         assert journal is not None
@@ -648,6 +664,7 @@ class Daemon:
                 self.spawn("dex-port", dex_port)
             await self._until_accepting()
             self._log_running()
+            self._start_service_reporting()
             await self._stop.wait()
             log.info("vmc stopping")
         except (VmcError, DriverError) as exc:
@@ -665,6 +682,8 @@ class Daemon:
     async def shutdown(self) -> None:
         """Wind down with the bus still open, close the control interface, cancel and await
         every task, then close the bus and the journal and stop the children."""
+        if self.service is not None:
+            self.service.stopping()
         await self._wind_down()
         await self._stop_cloud()
         if self.control is not None:
@@ -697,6 +716,8 @@ class Daemon:
         if self.children:
             await asyncio.gather(*(_stop_child(child) for child in self.children))
         self.children.clear()
+        if self.service is not None:
+            self.service.close()
 
     async def _wind_down(self) -> None:
         """Stop taking money on the wire, then let what is in flight finish and be journaled:

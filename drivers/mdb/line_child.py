@@ -135,6 +135,9 @@ def serve(
             if req_id in cancelled:
                 cancelled.discard(req_id)
                 continue
+            if op == "ping":
+                send({"id": req_id, "ok": True})
+                continue
             if op == "break":
                 sent = engine.bus_reset_blocking(float(frame["dur"]))
                 send({"id": req_id, "ok": True, "sent": sent})

@@ -18,7 +18,8 @@ port opens again (mdb.md: the devices then go through their start-up again by th
 Frames on the socket pair: a 4-byte big-endian length, then a JSON object.
 Parent → child: ``{"op": "req", "id", "pri", "ac", "d" (hex), "ma", "ex"}`` (``ex``: the reply
 shape ``[ack, min, max]``), ``{"op": "cancel", "id"}``, ``{"op": "break", "id", "dur"}``,
-``{"op": "stop"}``.
+``{"op": "ping", "id"}`` (answered ``{"id", "ok": true}`` when its turn comes in the queue,
+without bus traffic: the daemon's watchdog, vmc/service.py), ``{"op": "stop"}``.
 Child → parent: ``{"op": "ready", "sched"}`` (``sched``: how the line is scheduled) or
 ``{"op": "fatal", "msg"}`` once at start; then per request ``{"id", "ok": true, "ac", "d",
 "att", "rns", "ans", "stats"}`` or ``{"id", "ok": false, "err", "msg", "addr", "att", "stats"}``;
@@ -329,6 +330,12 @@ class LineProcessMaster(MdbBus):
         if sent:
             await asyncio.sleep(BUS_RESET_QUIET_S)
         return sent
+
+    async def ping(self, timeout_s: float) -> None:
+        """A round trip through the line process's request queue, no bus traffic: it comes
+        back only while the process runs and its line thread takes requests (raises
+        TimeoutError or LinkClosed otherwise)."""
+        await self._call({"op": "ping", "pri": int(Priority.RESET)}, timeout_s)
 
     async def _stop_child(self) -> None:
         """Ask the child to stop, kill it if it does not, and drop the socket to it."""
