@@ -41,8 +41,8 @@ def notify(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
 
 
 def line_process_of(pid: int) -> int:
-    """The daemon's MDB line process: its child running drivers.mdb.line_process."""
-    return child_running(pid, b"drivers.mdb.line_process")
+    """The daemon's MDB line process: its child running drivers.mdb.line_child."""
+    return child_running(pid, b"drivers.mdb.line_child")
 
 
 def child_running(pid: int, module: bytes) -> int:

@@ -24,6 +24,7 @@ from bench._peripheral import (
     coin_deposited,
 )
 from drivers.mdb import device as device_module
+from drivers.mdb.block import CommandReceived
 from drivers.mdb.device import (
     DeviceEvent,
     DeviceState,
@@ -154,6 +155,44 @@ async def test_start_up_brings_the_device_ready_and_enabled() -> None:
             await wait_until(lambda: sim.coin_type == DISABLE_MASK, "the disable")
             assert device.state is DeviceState.READY
             assert rig.of(JustReset) == []  # the start-up JUST RESET is not an event
+
+
+class BusyAfterResetSim(MiniChangerSim):
+    """A changer still busy with its reset: silent to the first ``silent_polls`` POLLs after
+    each RESET (a real one may take up to its non-response time, mdb.md "Timing")."""
+
+    def __init__(self, silent_polls: int) -> None:
+        super().__init__()
+        self.silent_polls = silent_polls
+        self.unanswered = 0  # POLLs it let go by (``seen_commands`` has only those answered)
+        self._silent_left = 0
+
+    def answer(self, command: CommandReceived) -> bytes | None:
+        cmd = command.addr_cmd & 0x07
+        if cmd == self.RESET_CMD:
+            self._silent_left = self.silent_polls
+        elif cmd == self.POLL_CMD and self._silent_left > 0:
+            self._silent_left -= 1
+            self.unanswered += 1
+            return None
+        return super().answer(command)
+
+
+async def test_a_device_busy_after_reset_is_polled_again_not_reset_again() -> None:
+    # The first POLL goes one poll interval after the RESET, not after a fixed settle time:
+    # that is safe only because an unanswered POLL is sent again within the non-response time.
+    silent_polls = 2 * DEFAULT_MAX_ATTEMPTS  # two whole POLL requests go unanswered
+    sim, rig = BusyAfterResetSim(silent_polls), Rig()
+    async with sim_and_master([sim], slack_s=SLACK_S) as (master, _bus):
+        device = MiniChangerDevice(master, rig.events.append, rig.clock)
+        async with supervised(device):
+            await wait_until(lambda: device.state is DeviceState.READY, "READY")
+            seen = sim.seen_commands()
+            assert seen.count(0x08) == 1  # one RESET: the silence did not restart start-up
+            assert seen[:2] == [0x08, 0x0B]  # RESET, then the first POLL it answered
+            assert sim.unanswered == silent_polls
+            assert master.stats.timeouts >= silent_polls
+            assert states(rig.events) == [DeviceState.STARTING, DeviceState.READY]
 
 
 async def test_poll_events_are_emitted() -> None:

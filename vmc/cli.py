@@ -12,7 +12,6 @@ import importlib
 import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +33,31 @@ _PLUGINS = (
 
 
 def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("vmc")
     except PackageNotFoundError:  # running from a source tree that was never installed
         return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the package's version, looked up only when asked for. Reading package
+    metadata scans every folder on the path: tens of ms of every daemon start otherwise
+    (bench/footprint.py)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"vmc {_package_version()}")
+        parser.exit()
 
 
 def _report_config_error(error: ConfigError) -> int:
@@ -94,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmc", description="Controller daemon for smart vending machines."
     )
-    parser.add_argument("--version", action="version", version=f"vmc {_package_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="show the version and exit")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = subparsers.add_parser("run", help="run the daemon", description="Run the daemon.")

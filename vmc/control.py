@@ -39,7 +39,6 @@ from typing import Any, TypeVar
 import structlog
 
 from vmc.machine import VendMachine
-from vmc.payments.qr import QrPayments
 from vmc.technician import Technician
 
 log = structlog.get_logger("vmc.control")
@@ -249,6 +248,10 @@ class ControlServer:
         """``qr_order`` and ``qr_cancel``, answered by the QR payment method (vmc/payments/qr.py)
         the daemon attached to the machine."""
         qr = self.machine.methods.get("qr")
+        # Imported here: only a machine that offers QR loads it (qrcode, PIL: bench/footprint.py);
+        # when ``qr`` is set, the module is loaded already.
+        from vmc.payments.qr import QrPayments
+
         if not isinstance(qr, QrPayments):
             return _error("qr_unavailable", "QR payment is not set up on this machine")
         if op == "qr_order":

@@ -29,7 +29,7 @@ import signal
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -49,10 +49,6 @@ from drivers.motor.base import MotorBoard
 from drivers.motor.vmc96 import Vmc96Board
 from vmc.cash import MdbBills, MdbChanger
 from vmc.children import Child, start_child
-from vmc.cloud.commands import CommandProcessor
-from vmc.cloud.link import CloudLink, LinkState, LinkStatus, software_version
-from vmc.cloud.sync import JournalSync
-from vmc.cloud.telemetry import Telemetry, build_telemetry
 from vmc.config import Config
 from vmc.console.serial import SerialConsole
 from vmc.control import ControlServer
@@ -62,9 +58,17 @@ from vmc.journal import Journal, JournalCorrupt
 from vmc.journal.recovery import DeviceFacts, stock_levels
 from vmc.log import FailureLog
 from vmc.machine import MDB_LINK_FAULT, STOPPING_FAULT, VendMachine
-from vmc.payments.qr import QrPayments
 from vmc.service import ServiceReporter, reporter_from_environment, status_line
 from vmc.technician import Technician
+
+if TYPE_CHECKING:
+    # Imported where the cloud link starts: a cash-only machine never loads them (MQTT, TLS,
+    # cryptography, qrcode and PIL are half the daemon's memory; bench/footprint.py).
+    from vmc.cloud.commands import CommandProcessor
+    from vmc.cloud.link import CloudLink, LinkStatus
+    from vmc.cloud.sync import JournalSync
+    from vmc.cloud.telemetry import Telemetry
+    from vmc.payments.qr import QrPayments
 
 log = structlog.get_logger("vmc.daemon")
 
@@ -139,6 +143,8 @@ class Daemon:
         self.control: ControlServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
+        #: Set once the journal is open (the MDB line starts meanwhile: see ``run``).
+        self._journal_open = asyncio.Event()
         self._failure: BaseException | None = None
         self._vend_task: asyncio.Task[None] | None = None
         #: The MDB link as the control interface shows it: {"state": "up"|"down", "detail"}.
@@ -286,6 +292,9 @@ class Daemon:
         self.spawn("journal-mdb-link", self._journal_link(state, detail))
 
     async def _journal_link(self, state: str, detail: str) -> None:
+        # A change while the journal is still opening is journaled once it is open; if it
+        # never opens, the daemon stops and this task is cancelled with the others.
+        await self._journal_open.wait()
         if self.journal is None:
             return
         try:
@@ -315,6 +324,12 @@ class Daemon:
         cloud = self.config.cloud
         if not cloud.enabled:
             return
+        from vmc.cloud.commands import CommandProcessor
+        from vmc.cloud.link import CloudLink, LinkState, software_version
+        from vmc.cloud.sync import JournalSync
+        from vmc.cloud.telemetry import Telemetry
+        from vmc.payments.qr import QrPayments
+
         journal, machine = self.journal, self.machine
         assert journal is not None and machine is not None
         # QR payment is a method of the vend cycle (vmc/payments/qr.py), offered while the link
@@ -379,6 +394,9 @@ class Daemon:
             unsubscribe()
 
     def _telemetry_payload(self) -> dict[str, Any]:
+        from vmc.cloud.link import software_version
+        from vmc.cloud.telemetry import build_telemetry
+
         machine, journal = self.machine, self.journal
         assert machine is not None
         return build_telemetry(
@@ -629,6 +647,9 @@ class Daemon:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             log.info("vmc starting", machine=self.config.machine.id, state_dir=str(self.state_dir))
+            # The MDB line process (a Python start-up of its own) starts while the journal
+            # opens: the first POLL comes that much sooner (bench/footprint.py).
+            mdb_started = asyncio.create_task(self._start_mdb(), name="mdb-start")
             try:
                 self.journal = await Journal.open(
                     self.state_dir, min_free_bytes=self.config.journal.min_free_bytes
@@ -640,8 +661,12 @@ class Daemon:
                     kept=list(exc.kept),
                 )
                 raise
+            finally:
+                if self.journal is None:
+                    await _cancel_start(mdb_started)
+            self._journal_open.set()
             stock = stock_levels(await self.journal.levels())
-            await self._start_mdb()
+            await mdb_started
             await self._start_motor(stock)
             await self._start_machine()
             await self._start_cloud()
@@ -792,6 +817,15 @@ def _format_now() -> str:
 
 async def _nothing() -> None:
     """A job for the vend cycle whose completion says every job queued before it is done."""
+
+
+async def _cancel_start(task: asyncio.Task[None]) -> None:
+    """Cancel a start-up step that is no longer wanted and wait for it; what it failed of
+    does not matter any more (the step that failed first is the one reported)."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: asyncio would log it at exit otherwise
 
 
 async def _stop_child(child: Child) -> None:

@@ -16,7 +16,7 @@ import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -24,7 +24,6 @@ from drivers.errors import MdbError, MotorError
 from drivers.mdb.bill import BillValidator
 from drivers.mdb.coin import CoinChanger
 from drivers.mdb.device import DeviceState, MdbDevice
-from vmc.cloud.link import CloudLink
 from vmc.config import Config
 from vmc.console.auth import PinGuard
 from vmc.console.login import ConsoleLogin
@@ -37,6 +36,9 @@ from vmc.machine import VendMachine
 from vmc.payments.base import Phase, Refusal
 from vmc.payments.manual import pay_out_tube, stacker_position
 from vmc.planogram import SlotChange
+
+if TYPE_CHECKING:  # the cloud link is imported only when [cloud] is on (docs/footprint.md)
+    from vmc.cloud.link import CloudLink
 
 log = structlog.get_logger("vmc.technician")
 

@@ -1,5 +1,8 @@
 """The MDB line served from its own process.
 
+This module is the daemon's side (``LineProcessMaster``); the child runs
+``drivers.mdb.line_child``, which imports no asyncio (the line's process stays small).
+
 A line thread in the daemon's process still needs the interpreter lock to read a reply and
 write the ACK, and a C call on the event loop (a big ``json.dumps`` for telemetry, TLS) holds
 that lock for milliseconds: the benchmark showed ACKs late by 10 ms that way. Here the line has
@@ -27,20 +30,14 @@ daemon's format, TRACE lines included).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
-import queue
 import random
-import signal
 import socket
-import struct
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,30 +52,24 @@ from drivers.errors import (
 )
 from drivers.mdb.block import address_of, command_block
 from drivers.mdb.commands import ACK_OR_DATA, ReplyShape
-from drivers.mdb.link import open_link
+from drivers.mdb.line_child import FRAME_HEADER, encode_frame
 from drivers.mdb.master import (
     BUS_RESET_QUIET_S,
     DEFAULT_MAX_ATTEMPTS,
     REQUEST_DEADLINE_S,
     SCHED_NORMAL,
-    BusMaster,
     BusStats,
     MdbBus,
     Priority,
     Reply,
     Timing,
-    set_realtime_priority,
 )
-from drivers.mdb.pcap import PcapWriter
 from drivers.recurring import FailureLog
 
 log = logging.getLogger("drivers.mdb.line_process")
 #: The TRACE level of drivers.mdb.master (raw bus bytes), named here for the child's log level.
 TRACE_LEVEL = 5
 
-FRAME_HEADER = struct.Struct(">I")
-#: Largest frame either side accepts (a request or reply is a few hundred bytes).
-MAX_FRAME_BYTES = 64 * 1024
 #: Python start-up plus opening the port, on a slow ARM board.
 CHILD_READY_TIMEOUT_S = 20.0
 #: How long the child gets to stop after "stop" before it is killed.
@@ -92,41 +83,6 @@ RECONNECT_MAX_WAIT_S = 5.0
 LinkListener = Callable[[bool, str], None]
 
 
-def _encode(obj: dict[str, Any]) -> bytes:
-    body = json.dumps(obj, separators=(",", ":")).encode()
-    return FRAME_HEADER.pack(len(body)) + body
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return bytes(buf)
-
-
-def _recv_frame(sock: socket.socket) -> dict[str, Any]:
-    (length,) = FRAME_HEADER.unpack(_recv_exact(sock, FRAME_HEADER.size))
-    if length > MAX_FRAME_BYTES:
-        raise EOFError
-    obj: dict[str, Any] = json.loads(_recv_exact(sock, length))
-    return obj
-
-
-def _error_frame(req_id: int, exc: MdbError, stats: BusStats) -> dict[str, Any]:
-    return {
-        "id": req_id,
-        "ok": False,
-        "err": type(exc).__name__,
-        "msg": str(exc),
-        "addr": getattr(exc, "address", 0),
-        "att": getattr(exc, "attempts", 0),
-        "stats": dataclasses.astuple(stats),
-    }
-
-
 def _rebuild_error(frame: dict[str, Any]) -> MdbError:
     kind, msg = frame.get("err"), str(frame.get("msg", ""))
     if kind == "NoResponse":
@@ -136,140 +92,6 @@ def _rebuild_error(frame: dict[str, Any]) -> MdbError:
     if kind == "LinkClosed":
         return LinkClosed(msg)
     return MdbError(f"{kind}: {msg}")
-
-
-# --- the child ---------------------------------------------------------------------------------
-
-
-def serve(
-    sock: socket.socket,
-    kind: str,
-    port: str,
-    timing: Timing,
-    pcap: str,
-    scheduling: str = SCHED_NORMAL,
-) -> int:
-    """The child's body: open the link, then answer requests until "stop" or EOF."""
-    write_lock = threading.Lock()
-
-    def send(obj: dict[str, Any]) -> None:
-        with write_lock:
-            sock.sendall(_encode(obj))
-
-    logging.getLogger().addHandler(_ParentLogHandler(send))
-
-    try:
-        link = open_link(kind, port)
-    except DriverError as exc:
-        send({"op": "fatal", "msg": str(exc)})
-        return 2
-    engine = BusMaster(link, timing=timing, pcap=PcapWriter(pcap) if pcap else None)
-    jobs: queue.PriorityQueue[tuple[int, int, dict[str, Any]]] = queue.PriorityQueue()
-    cancelled: set[int] = set()
-    order = itertools.count()
-
-    def read_requests() -> None:
-        try:
-            while True:
-                frame = _recv_frame(sock)
-                if frame.get("op") == "cancel":
-                    cancelled.add(int(frame["id"]))
-                    continue
-                priority = -1 if frame.get("op") == "stop" else int(frame.get("pri", 2))
-                jobs.put((priority, next(order), frame))
-                if frame.get("op") == "stop":
-                    return
-        except (EOFError, OSError, ValueError):
-            jobs.put((-1, next(order), {"op": "stop"}))
-
-    threading.Thread(target=read_requests, name="mdb-line-requests", daemon=True).start()
-    send({"op": "ready", "sched": scheduling})
-    try:
-        while True:
-            _priority, _n, frame = jobs.get()
-            op = frame.get("op")
-            if op == "stop":
-                return 0
-            req_id = int(frame["id"])
-            if req_id in cancelled:
-                cancelled.discard(req_id)
-                continue
-            if op == "ping":
-                send({"id": req_id, "ok": True})
-                continue
-            if op == "break":
-                sent = engine.bus_reset_blocking(float(frame["dur"]))
-                send({"id": req_id, "ok": True, "sent": sent})
-                continue
-            try:
-                shape = frame.get("ex")
-                expect = ReplyShape(*shape) if shape else ACK_OR_DATA
-                reply = engine.exchange_blocking(
-                    int(frame["ac"]), bytes.fromhex(frame["d"]), int(frame["ma"]), expect
-                )
-            except MdbError as exc:
-                send(_error_frame(req_id, exc, engine.stats))
-                if isinstance(exc, LinkClosed):
-                    return 1
-                continue
-            send(
-                {
-                    "id": req_id,
-                    "ok": True,
-                    "ac": reply.addr_cmd,
-                    "d": reply.data.hex(),
-                    "att": reply.attempts,
-                    "rns": reply.reply_ns,
-                    "ans": reply.ack_ns,
-                    "stats": dataclasses.astuple(engine.stats),
-                }
-            )
-    except OSError:
-        return 1
-    finally:
-        link.close()
-        if engine.pcap is not None:
-            engine.pcap.close()
-
-
-class _ParentLogHandler(logging.Handler):
-    """Hands the child's log records to the parent, which logs them as its own."""
-
-    def __init__(self, send: Callable[[dict[str, Any]], None]) -> None:
-        super().__init__()
-        self._send = send
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            message = record.getMessage()
-            self._send({"op": "log", "lvl": record.levelno, "name": record.name, "msg": message})
-        except Exception:  # the parent is gone: nowhere to log to
-            self.handleError(record)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m drivers.mdb.line_process")
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--kind", required=True)
-    parser.add_argument("--port", required=True)
-    parser.add_argument("--slack-s", type=float, default=Timing().slack_s)
-    parser.add_argument("--pcap", default="")
-    parser.add_argument("--log-level", type=int, default=logging.INFO)
-    parser.add_argument("--realtime-priority", type=int)
-    args = parser.parse_args(argv)
-    # The parent decides when the line stops ("stop", or EOF when it dies). A Ctrl-C in the
-    # terminal or systemd's SIGTERM to the whole unit must not cut the line under the parent's
-    # orderly shutdown.
-    for stop_signal in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop_signal, signal.SIG_IGN)
-    # Records go to the parent over the socket (``_ParentLogHandler``, added in ``serve``);
-    # nothing is printed here, so the daemon's log stays one format.
-    logging.getLogger().setLevel(args.log_level)
-    scheduling = SCHED_NORMAL
-    if args.realtime_priority:
-        scheduling = set_realtime_priority(args.realtime_priority)
-    sock = socket.socket(fileno=args.fd)
-    return serve(sock, args.kind, args.port, Timing(slack_s=args.slack_s), args.pcap, scheduling)
 
 
 # --- the parent --------------------------------------------------------------------------------
@@ -339,7 +161,7 @@ class LineProcessMaster(MdbBus):
         argv = [
             sys.executable,
             "-m",
-            "drivers.mdb.line_process",
+            "drivers.mdb.line_child",
             "--fd",
             str(child_sock.fileno()),
             "--kind",
@@ -460,13 +282,13 @@ class LineProcessMaster(MdbBus):
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[req_id] = future
         try:
-            self._writer.write(_encode(frame))
+            self._writer.write(encode_frame(frame))
             async with asyncio.timeout(timeout_s):
                 return await asyncio.shield(future)
         except BaseException:
             if self._pending.pop(req_id, None) is not None and self._writer is not None:
                 with contextlib.suppress(ConnectionError, RuntimeError):
-                    self._writer.write(_encode({"op": "cancel", "id": req_id}))
+                    self._writer.write(encode_frame({"op": "cancel", "id": req_id}))
             raise
 
     async def request(
@@ -520,7 +342,7 @@ class LineProcessMaster(MdbBus):
         writer, self._writer = self._writer, None
         if writer is not None:
             with contextlib.suppress(ConnectionError, RuntimeError):
-                writer.write(_encode({"op": "stop"}))
+                writer.write(encode_frame({"op": "stop"}))
                 await writer.drain()
         proc = self._proc
         if proc is not None and proc.returncode is None:
@@ -553,7 +375,3 @@ class LineProcessMaster(MdbBus):
         self._fail_all(LinkClosed("bus master closed"))
         self.link_up = False
         self.link_detail = "closed"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

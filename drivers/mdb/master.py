@@ -21,7 +21,6 @@ matching the one before. Only a device fact can prove a repeat; that is the devi
 from __future__ import annotations
 
 import abc
-import asyncio
 import contextlib
 import enum
 import itertools
@@ -32,6 +31,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from drivers.errors import BlockTooLong, LinkClosed, MdbError, NakReceived, NoResponse
 from drivers.mdb.block import (
@@ -51,6 +51,12 @@ from drivers.mdb.codec import WordDecoder
 from drivers.mdb.commands import ACK_OR_DATA, ReplyShape
 from drivers.mdb.link import MdbLink
 from drivers.mdb.pcap import Direction, PcapWriter
+
+if TYPE_CHECKING:
+    # At run time, imported by the async methods that use it: the MDB line process runs the
+    # line thread's half only and need not load asyncio (its memory and start-up time:
+    # bench/footprint.py).
+    import asyncio
 
 log = logging.getLogger("drivers.mdb.master")
 TRACE = 5  # below DEBUG: every byte exchanged
@@ -236,6 +242,8 @@ class BusMaster(MdbBus):
         if thread is not None:
             self._stopping.set()
             self._queue.put(_Request(-1, -1, 0, b"", 0, None, None))
+            import asyncio  # see the TYPE_CHECKING import
+
             await asyncio.to_thread(thread.join, 1.0)
             self._thread = None
         self._fail_queued(LinkClosed("bus master closed"))
@@ -262,6 +270,8 @@ class BusMaster(MdbBus):
         ``expect``: the shape of a valid answer; anything else is not ACKed and counts as no
         answer.
         """
+        import asyncio  # see the TYPE_CHECKING import
+
         if self._thread is None or self._stopping.is_set():
             raise LinkClosed("bus master is not running")
         loop = asyncio.get_running_loop()
@@ -286,6 +296,8 @@ class BusMaster(MdbBus):
 
     async def bus_reset(self, duration_s: float = 0.1) -> bool:
         """MDB bus reset (BREAK ≥ 100 ms, then 200 ms quiet). False on simulated links."""
+        import asyncio  # see the TYPE_CHECKING import
+
         sent = await asyncio.to_thread(self.bus_reset_blocking, duration_s)
         if sent:
             await asyncio.sleep(BUS_RESET_QUIET_S)

@@ -29,10 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
-from sqlite_utils import Database
-from sqlite_utils.migrations import Migrations
+if TYPE_CHECKING:
+    from sqlite_utils import Database
+    from sqlite_utils.migrations import Migrations
 
 from vmc.journal.records import (
     INTENT_TYPES,
@@ -136,13 +137,10 @@ HealthListener = Callable[[bool, str], None]
 
 
 # --------------------------------------------------------------------------------------------
-# Schema and migrations (sqlite-utils). Append new migrations at the end; never edit one that
-# has shipped.
-
-MIGRATIONS: Final = Migrations("vmc.journal")
+# Schema and migrations (sqlite-utils). Append new migrations to ``_MIGRATION_STEPS``; never
+# edit one that has shipped.
 
 
-@MIGRATIONS(name="0001_initial")
 def _migration_0001_initial(db: Database) -> None:
     db.table("state").create(
         {
@@ -196,7 +194,6 @@ def _migration_0001_initial(db: Database) -> None:
     db.table("scratch").create({"id": int, "payload": bytes}, pk="id")
 
 
-@MIGRATIONS(name="0002_device_event_counters")
 def _migration_0002_device_event_counters(db: Database) -> None:
     # counter_deltas now counts device faults and losses (EVA-DTS events). Records pruned
     # before this had no such counter and their baseline has none, so counting the retained
@@ -210,30 +207,46 @@ def _migration_0002_device_event_counters(db: Database) -> None:
     )
 
 
-def _migration_names() -> tuple[str, ...]:
-    empty = Database(memory=True, execute_plugins=False)
-    try:
-        return tuple(m.name for m in MIGRATIONS.pending(empty))
-    finally:
-        empty.close()
+#: Every migration, oldest first: (name, step).
+_MIGRATION_STEPS: Final = (
+    ("0001_initial", _migration_0001_initial),
+    ("0002_device_event_counters", _migration_0002_device_event_counters),
+)
 
 
-MIGRATION_NAMES: Final = _migration_names()
+#: The names of every migration this version knows, oldest first.
+MIGRATION_NAMES: Final = tuple(name for name, _step in _MIGRATION_STEPS)
+
+
+@functools.cache
+def _migrations() -> Migrations:
+    """The migration set. sqlite-utils (with click, pluggy, dateutil) is imported here, by the
+    journal's thread as it opens, not at the daemon's start-up: the MDB line starts meanwhile
+    (bench/footprint.py)."""
+    from sqlite_utils.migrations import Migrations
+
+    migrations = Migrations("vmc.journal")
+    for name, step in _MIGRATION_STEPS:
+        migrations(name=name)(step)
+    return migrations
 
 
 def apply_migrations(conn: sqlite3.Connection) -> int:
     """Apply pending migrations; returns the schema version (number applied). Refuses a database
     that carries migrations this version does not know (opened by a newer vmc)."""
+    from sqlite_utils import Database  # here, not at start-up: see _migrations
+
+    migrations = _migrations()
     db = Database(conn, execute_plugins=False)
-    applied = [m.name for m in MIGRATIONS.applied(db)]
+    applied = [m.name for m in migrations.applied(db)]
     unknown = [name for name in applied if name not in MIGRATION_NAMES]
     if unknown:
         raise SchemaTooNew(
             f"journal database has schema migrations this vmc does not know: {', '.join(unknown)}"
         )
-    if MIGRATIONS.pending(db):
-        MIGRATIONS.apply(db)
-    version = len(MIGRATIONS.applied(db))
+    if migrations.pending(db):
+        migrations.apply(db)
+    version = len(migrations.applied(db))
     # Written only on change: an up-to-date database on a read-only medium must still open.
     if conn.execute("PRAGMA user_version").fetchone()[0] != version:
         conn.execute(f"PRAGMA user_version = {version}")
