@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from hil.sim.control import JsonLineClient
+from vmc.journal.files import database_path, open_readonly
 from vmc.journal.reports import backlog
-from vmc.journal.store import database_path, open_readonly
 
 #: Python start-up plus device start-up on a loaded 2-core CI machine.
 START_TIMEOUT_S = 40.0

@@ -12,7 +12,7 @@ import pytest
 from tests.dex_support import MACHINE_ID, check_g85_and_se, fill_journal, find
 from tests.test_journal_support import PYTHON, subprocess_env
 from vmc.journal import Journal
-from vmc.journal.store import database_path, open_readonly
+from vmc.journal.files import database_path, open_readonly
 
 CLI = [PYTHON, "-m", "vmc", "dex"]
 #: A child Python starting and reading a small journal: seconds on a loaded CI machine.

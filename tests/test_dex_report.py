@@ -24,7 +24,7 @@ from tests.dex_support import (
 from vmc.dex import DexError, build_dex_report, crc16_arc, read_audit, reset_audit
 from vmc.dex.link import ETX, SOH, encode_frame
 from vmc.journal import Journal, RecordInvalid
-from vmc.journal.store import database_path
+from vmc.journal.files import database_path
 
 NOW = datetime(2026, 11, 30, 14, 5, 9, tzinfo=UTC)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hil.harness import journal_backlog, write_config
-from vmc.journal.store import database_path, open_readonly
+from vmc.journal.files import database_path, open_readonly
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ import pytest
 
 from tests.test_journal_support import PYTHON, FakeClock, bill_in, coin_in, subprocess_env
 from vmc.journal import Journal
+from vmc.journal.files import database_path, open_readonly
 from vmc.journal.reports import build_report, format_money
-from vmc.journal.store import database_path, open_readonly
 
 CLI = [PYTHON, "-m", "vmc.journal.cli"]
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.test_journal_support import PYTHON, FakeClock, coin_in, subprocess_env
 from vmc.journal import Journal, JournalCorrupt, JournalUnavailable
-from vmc.journal.store import database_path, free_bytes
+from vmc.journal.files import database_path, free_bytes
 
 PROBE_S = 0.02  # the health probe interval in these tests
 WAIT_S = 10.0  # generous bound for a state change on a loaded machine

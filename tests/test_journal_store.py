@@ -32,7 +32,9 @@ from vmc.journal import (
     console_source,
     remote_source,
 )
-from vmc.journal.store import MAX_BATCH_RECORDS, MIGRATION_NAMES, database_path, open_readonly
+from vmc.journal.files import database_path, open_readonly
+from vmc.journal.schema import MIGRATION_NAMES
+from vmc.journal.writer import MAX_BATCH_RECORDS
 
 
 async def _all_seqs(journal: Journal) -> list[int]:

@@ -29,9 +29,9 @@ from vmc.console.auth import PinGuard
 from vmc.console.login import ConsoleLogin
 from vmc.dex.service import DexError, build_dex_report
 from vmc.journal import Source
+from vmc.journal.files import database_path, open_readonly
 from vmc.journal.records import console_source
 from vmc.journal.reports import build_report, format_report
-from vmc.journal.store import database_path, open_readonly
 from vmc.machine import VendMachine
 from vmc.payments.base import Phase, Refusal
 from vmc.payments.manual import pay_out_tube, stacker_position

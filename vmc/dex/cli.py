@@ -23,7 +23,7 @@ from vmc.config import Config, load_config
 from vmc.dex.service import DexError, build_dex_report, build_reading, read_snapshot
 from vmc.errors import ConfigError
 from vmc.journal import Journal, JournalError
-from vmc.journal.store import database_path
+from vmc.journal.files import database_path
 
 EXIT_OK: Final = 0
 EXIT_JOURNAL: Final = 1

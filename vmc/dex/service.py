@@ -23,8 +23,8 @@ from vmc.dex.audit import AuditData, latest_reset_seq, read_audit_data
 from vmc.dex.report import Identity, ReadInfo, Selection, build_report
 from vmc.errors import VmcError
 from vmc.journal import LOCAL, Journal, Record, Source
+from vmc.journal.files import open_readonly
 from vmc.journal.records import price_level_name
-from vmc.journal.store import open_readonly
 
 #: Who reads: the EA3 terminal id and the audit_read record's ``via``.
 VIAS: Final = ("cli", "console", "cloud", "dex_port")

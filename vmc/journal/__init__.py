@@ -1,6 +1,8 @@
 """The transaction journal (issue 3): durable SQLite records of every money movement and sale,
 crash recovery, lifetime counters, retention, reports. See ``docs/journal.md``."""
 
+from vmc.journal.clock import Clock, SystemClock
+from vmc.journal.reading import CounterMismatch
 from vmc.journal.records import (
     LOCAL,
     RECORD_TYPES,
@@ -25,14 +27,7 @@ from vmc.journal.recovery import (
     resolve_open_intents,
     stock_levels,
 )
-from vmc.journal.store import (
-    DEFAULT_MIN_FREE_BYTES,
-    HEALTH_PROBE_INTERVAL_S,
-    Clock,
-    CounterMismatch,
-    Journal,
-    SystemClock,
-)
+from vmc.journal.store import DEFAULT_MIN_FREE_BYTES, HEALTH_PROBE_INTERVAL_S, Journal
 
 __all__ = [
     "DEFAULT_MIN_FREE_BYTES",

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from vmc.errors import ConfigError
+from vmc.journal.files import database_path, open_readonly
+from vmc.journal.reading import RECORD_COLUMNS, record_from_row
 from vmc.journal.records import JournalError, Record, encode_json
 from vmc.journal.reports import build_report, format_report
-from vmc.journal.store import RECORD_COLUMNS, database_path, open_readonly, record_from_row
 
 EXIT_OK: Final = 0
 EXIT_JOURNAL: Final = 1

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import date
 from typing import Any
 
+from vmc.journal.reading import read_table
 from vmc.journal.recovery import customer_credit, stock_levels
-from vmc.journal.store import read_table
 
 
 @dataclass(frozen=True)
