@@ -40,6 +40,7 @@ class Polled:
     are not sent up; 0 if it never answered one. The daemon's non-response time counts from it.
     """
 
+    addr_cmd: int  # the POLL's address and command byte
     result: Reply | MdbError
     last_answer_ns: int
 
@@ -108,7 +109,7 @@ class AutopollSchedule:
             )
         except MdbError as exc:
             del self._armed[address]
-            return Polled(exc, self._last_answer_ns.get(address, 0))
+            return Polled(armed.addr_cmd, exc, self._last_answer_ns.get(address, 0))
         answered_ns = time.monotonic_ns()
         self._last_answer_ns[address] = answered_ns
         if not reply.data:
@@ -116,4 +117,4 @@ class AutopollSchedule:
             armed.due = time.monotonic() + armed.every_s
             return None
         del self._armed[address]
-        return Polled(reply, answered_ns)
+        return Polled(armed.addr_cmd, reply, answered_ns)

@@ -108,6 +108,7 @@ def polled_frame(polled: Polled, stats: BusStats) -> dict[str, Any]:
         frame = error_frame(0, result, stats)
     del frame["id"]
     frame["op"] = POLLED_OP
+    frame["ac"] = polled.addr_cmd
     frame["last_answer_ns"] = polled.last_answer_ns
     return frame
 

@@ -159,6 +159,9 @@ class LineProcessMaster(MdbBus):
         #: Autopoll results per device address, and the addresses armed in the child now.
         self._polled: dict[int, asyncio.Queue[Polled]] = {}
         self._armed: set[int] = set()
+        #: Frames received from the line process, every child counted (an idle autopolled bus
+        #: sends none).
+        self.frames_received = 0
 
     def add_link_listener(self, listener: LinkListener) -> None:
         """``listener(up, detail)`` on every change of the link, on the event loop."""
@@ -228,6 +231,7 @@ class LineProcessMaster(MdbBus):
                 header = await reader.readexactly(FRAME_HEADER.size)
                 (length,) = FRAME_HEADER.unpack(header)
                 frame: dict[str, Any] = json.loads(await reader.readexactly(length))
+                self.frames_received += 1
                 op = frame.get("op")
                 if op == "log":
                     logging.getLogger(str(frame.get("name", "drivers.mdb"))).log(
@@ -263,10 +267,13 @@ class LineProcessMaster(MdbBus):
 
     def _on_polled(self, frame: dict[str, Any]) -> None:
         self.stats = BusStats(*frame["stats"])
-        address = address_of(int(frame["ac"]))
+        addr_cmd = int(frame["ac"])
+        address = address_of(addr_cmd)
         self._armed.discard(address)  # the child suspended it
         result: Reply | MdbError = _reply_of(frame) if frame.get("ok") else _rebuild_error(frame)
-        self._polled_queue(address).put_nowait(Polled(result, int(frame["last_answer_ns"])))
+        self._polled_queue(address).put_nowait(
+            Polled(addr_cmd, result, int(frame["last_answer_ns"]))
+        )
 
     def _polled_queue(self, address: int) -> asyncio.Queue[Polled]:
         found = self._polled.get(address)
@@ -314,7 +321,8 @@ class LineProcessMaster(MdbBus):
         self._pending.clear()
         # An armed POLL died with the child: its device hears it as that POLL's error.
         for address in self._armed:
-            self._polled_queue(address).put_nowait(Polled(error_as_mdb(error), 0))
+            failed = Polled(address, error_as_mdb(error), 0)
+            self._polled_queue(address).put_nowait(failed)
         self._armed.clear()
 
     async def _call(self, frame: dict[str, Any], timeout_s: float) -> dict[str, Any]:
