@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 
 from drivers.errors import NoResponse
+from drivers.mdb.cashless import CashlessReader, SessionCancelRequest, SessionPhase
 from drivers.mdb.coin import POLL, TUBE_STATUS, CoinChanger, CoinDeposited
 from drivers.mdb.device import DeviceEvent, DeviceState, StateChanged
 from drivers.mdb.line_process import LineProcessMaster
 from drivers.mdb.master import Priority, Reply, Timing
 from drivers.mdb.pcap import Direction, read_pcap
 from hil.sim.bus import SimBus
+from hil.sim.cashless import CashlessReaderSim
 from hil.sim.coin import CoinChangerSim
 from tests.waiting import stop_task, wait_until
 
@@ -152,7 +154,10 @@ async def _changer(
 
 
 async def _wait_autopolled(
-    master: LineProcessMaster, sim: CoinChangerSim, polls: int = 5, timeout_s: float = 10.0
+    master: LineProcessMaster,
+    sim: CoinChangerSim | CashlessReaderSim,
+    polls: int = 5,
+    timeout_s: float = 10.0,
 ) -> None:
     """Until ``polls`` POLLs in a row reached the changer with no frame crossing."""
     loop = asyncio.get_running_loop()
@@ -265,3 +270,55 @@ async def test_acceptors_follow_set_enabled_promptly_while_autopolled(
             assert time.monotonic() - asked_at < slow_poll_s / 2
     finally:
         await stop_task(task)
+
+
+class QuickReader(CashlessReader):
+    """The cashless reader with a non-response time short enough for a test."""
+
+    @property
+    def NON_RESPONSE_S(self) -> float:  # type: ignore[override]  # as CashlessReader's
+        return 0.5
+
+
+@pytest.fixture
+async def reader_line() -> AsyncIterator[tuple[LineProcessMaster, CashlessReaderSim]]:
+    sim = CashlessReaderSim(sends_end_session=False)
+    bus = SimBus.on_pty([sim])
+    bus.start()
+    master = LineProcessMaster("stream", bus.port, timing=Timing(slack_s=SLACK_S))
+    await master.open()
+    try:
+        yield master, sim
+    finally:
+        await master.close()
+        bus.stop()
+
+
+async def test_a_reader_session_is_cancelled_and_closed_while_autopolled(
+    reader_line: tuple[LineProcessMaster, CashlessReaderSim],
+) -> None:
+    """The reader's customer cancel comes in an autopolled reply and is answered with SESSION
+    COMPLETE; a reader that never confirms with END SESSION gets its session closed after its
+    non-response time by a turn of the supervisor's own, with no POLL result to wake it."""
+    master, sim = reader_line
+    events: list[DeviceEvent] = []
+    reader = QuickReader(master, poll_interval_s=DEVICE_POLL_S, on_event=events.append)
+    reader.set_enabled(True)
+    task = asyncio.create_task(reader.run(), name="cashless")
+    try:
+        await wait_until(lambda: reader.accepting, "the reader started and enabled")
+        await _wait_autopolled(master, sim)
+        assert sim.control({"cmd": "tap", "funds": 500})["accepted"]
+        await wait_until(lambda: reader.session is SessionPhase.IDLE, "the session begun")
+        assert sim.control({"cmd": "cancel"})["accepted"]
+        await wait_until(lambda: reader.session is SessionPhase.ENDING, "SESSION COMPLETE sent")
+        ending_from = time.monotonic()
+        await wait_until(lambda: reader.session is SessionPhase.NONE, "the session closed")
+        closed_after_s = time.monotonic() - ending_from
+    finally:
+        await stop_task(task)
+    assert any(isinstance(e, SessionCancelRequest) for e in events)
+    assert sim.ledger()["customer_cancellations"] == 1
+    # Closed by the timer: not before the reader's non-response time, and well before the
+    # next thing that could have woken the supervisor (nothing else happened).
+    assert 0.5 - DEVICE_POLL_S <= closed_after_s < 0.5 + 1.0
