@@ -42,16 +42,13 @@ Exit status 2: the benchmark could not run (the daemon did not come up, ...).
 
 from __future__ import annotations
 
-import argparse
 import compileall
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -61,6 +58,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._main import bench_main
 from drivers.mdb.block import CommandReceived
 from hil.harness import JsonLineClient
 from hil.sim.bill import BillValidatorSim
@@ -488,19 +486,13 @@ def run(plan: Plan, workdir: Path) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 starts, 8 s idle window (< 30 s)")
-    parser.add_argument("--dir", type=Path, default=None, help="where the state folder goes")
-    parser.add_argument("--keep", action="store_true", help="keep the folder (log, journal)")
-    args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="vmc-bench-footprint-", dir=args.dir))
-    try:
-        return run(QUICK if args.quick else FULL, workdir)
-    finally:
-        if args.keep:
-            print(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    return bench_main(
+        __doc__,
+        run,
+        (QUICK, FULL),
+        name="footprint",
+        quick_help="2 starts, 8 s idle window (< 30 s)",
+    )
 
 
 if __name__ == "__main__":

@@ -26,17 +26,14 @@ The first cycle warms up (imports, first journal pages) and is not counted.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._main import bench_main
 from bench._vend_sims import TimedCoinChanger, TimedVmc96Simulator
 from hil.harness import Daemon, JsonLineClient
 from hil.sim.bus import SimBus
@@ -426,19 +424,7 @@ def run(plan: Plan, workdir: Path) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer samples (< 30 s)")
-    parser.add_argument("--dir", type=Path, default=None, help="where the journal goes")
-    parser.add_argument("--keep", action="store_true", help="keep the folder (log, journal)")
-    args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="vmc-bench-vend-", dir=args.dir))
-    try:
-        return run(QUICK if args.quick else FULL, workdir)
-    finally:
-        if args.keep:
-            print(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    return bench_main(__doc__, run, (QUICK, FULL), name="vend", quick_help="fewer samples (< 30 s)")
 
 
 if __name__ == "__main__":

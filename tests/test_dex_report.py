@@ -93,6 +93,37 @@ async def test_every_segment_with_its_figures(journal: Journal, tmp_path: Path) 
     assert find(report, "EA7") == ["0", "0"]
 
 
+async def test_device_identities_and_coin_values_come_from_their_start_up_records(
+    journal: Journal, tmp_path: Path
+) -> None:
+    """CA1/BA1/DA1 carry what each device reported at its last start-up (its journaled
+    ``device`` record), and CA17 the changer's own coin values; without such records the
+    generic model stands (previous test)."""
+    await fill_journal(journal)
+    await journal.append(
+        "device",
+        {
+            "device": "coin",
+            "state": "online",
+            "detail": "",
+            "manufacturer": "SIM",
+            "serial": "000000000042",
+            "model": "CC-SIM-3",
+            "version": 17,
+            "level": 3,
+            "coin_values": {"0": 5, "2": 50, "3": 100, "4": 200},
+        },
+    )
+    bill = {"device": "bill", "state": "recovered", "detail": "", "manufacturer": "BVS"}
+    await journal.append("device", {**bill, "serial": "7", "model": "BV-1", "version": 2})
+    report = await build_dex_report(journal, make_config(tmp_path), reset=False, now=fixed_now)
+    check_g85_and_se(report)
+    assert find(report, "CA1") == ["SIM000000000042", "CC-SIM-3", "0017"]
+    assert find(report, "BA1") == ["BVS7", "BV-1", "0002"]
+    assert find(report, "DA1") == ["", "MDB-CASHLESS"]  # the reader never named itself
+    assert find(report, "CA17", "2") == ["2", "50", "1"]
+
+
 async def test_a_read_with_reset_is_journaled_and_the_interims_start_anew(
     journal: Journal, tmp_path: Path
 ) -> None:

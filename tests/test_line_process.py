@@ -246,3 +246,45 @@ async def test_a_lost_port_is_reopened_and_devices_come_back() -> None:
             await task
         await master.close()
         bus.stop()
+
+
+async def test_a_line_process_started_early_is_taken_over_once() -> None:
+    """``vmc run`` starts the line process before the daemon's imports (drivers/mdb/line_spawn):
+    the master with the same settings serves the bus through that very process; a master with
+    other settings, or a second start, gets a process of its own, and the early one is stopped."""
+    import logging
+
+    from drivers.mdb import line_spawn
+
+    sim = CoinChangerSim()
+    bus = SimBus.on_pty([sim])
+    bus.start()
+    timing = Timing(slack_s=0.03)
+    level = logging.getLogger("drivers.mdb").getEffectiveLevel()
+    settings = line_spawn.LineSettings("stream", bus.port, timing.slack_s, level)
+    masters: list[LineProcessMaster] = []
+    try:
+        line_spawn.prespawn(settings)
+        early = line_spawn._waiting
+        assert early is not None
+        master = LineProcessMaster("stream", bus.port, timing=timing)
+        masters.append(master)
+        await master.open()
+        assert line_spawn._waiting is None
+        assert master._proc is not None and master._proc.pid == early.process.pid
+        assert (await master.request(COIN_RESET, priority=Priority.RESET)).is_ack
+
+        # Other settings: the early process is not used, and does not outlive the claim.
+        line_spawn.prespawn(line_spawn.LineSettings("stream", bus.port, 0.5, level))
+        unused = line_spawn._waiting
+        assert unused is not None
+        other = LineProcessMaster("stream", bus.port, timing=timing)
+        masters.append(other)
+        await other.open()
+        assert other._proc is not None and other._proc.pid != unused.process.pid
+        assert unused.process.poll() is not None
+    finally:
+        for m in masters:
+            await m.close()
+        line_spawn._kill_unclaimed()
+        bus.stop()

@@ -4,14 +4,16 @@ The whole money path runs in-process on real parts: the coin changer and bill va
 simulators on a real pty (real MDB bytes in the PARMRK encoding), the bus master's line thread,
 the drivers' device classes, the vend cycle and a real SQLite journal. Hypothesis drives
 customer actions (coins to tubes or the cashbox, several coins in one POLL reply, bills, money
-back) and bus faults (late replies past the response window, garbled checksums, dropped
+back), a technician's (filling the tubes by hand in fill mode, paying a tube out) and bus
+faults (late replies past the response window, garbled checksums, dropped
 replies, NAKs, line noise, a device resetting itself) in random order. After every step, once
 the machine is quiet:
 
 * every coin and bill whose report the VMC ACKed (the simulators count those) is on the journal
   exactly once as ``cash_in``, and nothing else is: no money from a reply the VMC did not ACK;
 * every coin the changer paid out is on the journal as ``cash_out``, and no more;
-* the customer's credit is what went in less what came out, and never below zero.
+* the customer's credit is what customers put in less what was paid back to them (a fill is not
+  customer money, nor is a tube paid out by hand), and never below zero.
 
 Lost ACKs are not among the faults: a cashbox coin reported again after the changer missed our
 ACK is byte-identical to a second coin, and the standard leaves such a repeat to reconciliation
@@ -42,8 +44,10 @@ from hil.sim.bus import SimBus
 from hil.sim.coin import CoinChangerSim
 from vmc.cash import MdbBills, MdbChanger
 from vmc.config import parse_config
-from vmc.journal import Journal
+from vmc.journal import LOCAL, Journal
 from vmc.machine import Phase, VendMachine
+from vmc.payments.base import Refusal
+from vmc.payments.manual import pay_out_tube
 
 pytestmark = pytest.mark.slow
 
@@ -172,6 +176,41 @@ class MoneyPath(RuleBasedStateMachine):
         self.loop.run_until_complete(self.machine.cancel())
         self._settle()
 
+    # --- the technician (the console's coin_fill and coin_payout ops) -------------------------
+
+    @rule(values=st.lists(st.sampled_from(COIN_VALUES), min_size=1, max_size=3))
+    def technician_fills_tubes(self, values: list[int]) -> None:
+        """Coins put in while filling are journaled as fills: cash in, never credit."""
+        if self.machine.credit > 0:
+            return  # the console refuses fill mode while a customer has credit
+        cash = self.machine.cash
+
+        async def fill_mode(on: bool) -> None:
+            await self.machine.submit(lambda: cash.set_fill_mode(on))
+
+        self.loop.run_until_complete(fill_mode(True))
+        for value in values:
+            self.coin_sim.control({"cmd": "insert", "value": value})
+        self._settle()
+        self.loop.run_until_complete(fill_mode(False))
+        self._settle()
+
+    @rule(coin_type=st.integers(0, 3), count=st.integers(1, 3))
+    def technician_pays_out_a_tube(self, coin_type: int, count: int) -> None:
+        """A tube emptied by hand: cash out, never taken from a customer's credit."""
+        changer = self.machine.changer
+        if self.machine.credit > 0 or changer is None:
+            return  # refused by the console while a customer has credit
+
+        async def pay() -> None:
+            with contextlib.suppress(Refusal):  # the tube holds fewer: nothing paid
+                await self.machine.submit(
+                    lambda: pay_out_tube(self.machine, changer, coin_type, count, LOCAL)
+                )
+
+        self.loop.run_until_complete(pay())
+        self._settle()
+
     # --- the bus misbehaving ---------------------------------------------------------------
 
     @rule(
@@ -211,11 +250,20 @@ class MoneyPath(RuleBasedStateMachine):
             if r.type == "cash_in" and r.data.get("device") == "bill"
         )
         cash_out = sum(r.data["amount"] for r in records if r.type == "cash_out")
+        filled = sum(
+            r.data["amount"] for r in records if r.type == "cash_in" and r.data.get("fill")
+        )
+        paid_by_hand = sum(
+            r.data["amount"]
+            for r in records
+            if r.type == "cash_out" and r.data.get("reason") == "manual"
+        )
         coin_ledger, bill_ledger = self.coin_sim.ledger(), self.bill_sim.ledger()
         assert coin_in == coin_ledger["acked_deposited"]["value"], (coin_in, coin_ledger)
         assert bill_in == bill_ledger["acked_stacked"]["value"], (bill_in, bill_ledger)
         assert cash_out == coin_ledger["value_out"], (cash_out, coin_ledger)
-        assert self.machine.credit == coin_in + bill_in - cash_out
+        customer_in = coin_in - filled + bill_in
+        assert self.machine.credit == customer_in - (cash_out - paid_by_hand)
         assert self.machine.credit >= 0
 
     def teardown(self) -> None:

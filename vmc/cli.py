@@ -83,6 +83,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from vmc.log import configure_logging
 
     configure_logging(args.log_level or config.log.level, args.log_format or config.log.format)
+    _prespawn_line(config)
     # The daemon module is imported by name so this file type-checks on its own; its contract
     # is ``async def run(config: Config) -> int``.
     daemon = importlib.import_module("vmc.daemon")
@@ -91,6 +92,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return asyncio.run(run_daemon(config))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _prespawn_line(config: Config) -> None:
+    """Start the MDB line process before the daemon's imports, so the two overlap (issue 9
+    footprint: start to first POLL); the daemon's line master takes it over. Only for a real
+    port: a simulated machine's port exists only once the daemon has started its simulator."""
+    import logging
+
+    from drivers.mdb.line_spawn import TRACE_LEVEL, LineSettings, prespawn
+
+    mdb = config.mdb
+    devices = (mdb.coin, mdb.bill, mdb.cashless)
+    if mdb.simulate or not mdb.port or not any(dev.enabled for dev in devices):
+        return
+    level = logging.getLogger("drivers.mdb").getEffectiveLevel()
+    prespawn(
+        LineSettings(
+            kind=mdb.link,
+            port=mdb.port,
+            slack_s=mdb.timing_slack_ms / 1000.0,
+            log_level=TRACE_LEVEL if mdb.trace else level,
+            pcap=str(mdb.pcap or ""),
+            realtime_priority=mdb.realtime_priority,
+        )
+    )
 
 
 def _add_plugins(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

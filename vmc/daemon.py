@@ -535,7 +535,7 @@ class Daemon:
         # (ready, while the motor board was still being opened) is given to it now.
         for device in self.devices.values():
             if device.state is not DeviceState.OFFLINE:
-                machine.on_device_event(StateChanged(device.NAME, device.state, "at start"))
+                machine.on_device_event(device.state_event("at start"))
         journal.on_health(lambda ok, reason: machine.set_fault("journal", None if ok else reason))
         if not journal.writable:
             machine.set_fault("journal", journal.health_reason or "journal not writable")

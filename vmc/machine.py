@@ -32,7 +32,7 @@ import structlog
 from drivers.errors import MdbError, MotorError
 from drivers.mdb.bill import BillInEscrow, BillReturned, BillStacked
 from drivers.mdb.coin import CoinDeposited, CoinRoute, CoinsDispensedManually, ReturnLeverPressed
-from drivers.mdb.device import DeviceEvent, DeviceState, StateChanged
+from drivers.mdb.device import DeviceEvent, DeviceInfo, DeviceState, StateChanged
 from drivers.motor.base import MotorBoard, MotorOutcome
 from vmc import planogram
 from vmc.cash import BillPort, ChangerPort
@@ -574,14 +574,29 @@ class VendMachine:
             self._devices_down.add(event.device)
             journal_state = "offline" if state is DeviceState.OFFLINE else "fault"
         if self.started or state is not DeviceState.OFFLINE:
-            await self.journal.append(
-                "device",
-                {"device": event.device, "state": journal_state, "detail": event.detail[:200]},
-            )
+            record = {"device": event.device, "state": journal_state, "detail": event.detail[:200]}
+            if event.info is not None:
+                record.update(_identity_fields(event.info))
+            await self.journal.append("device", record)
         if event.device == "coin":
             await self.cash.changer_state(state is DeviceState.READY, state.value)
         else:
             self.update_acceptance()
+
+
+def _identity_fields(info: DeviceInfo) -> dict[str, Any]:
+    """A device's identity for its ``device`` record (the audit report's CA1, BA1, DA1, CA17)."""
+    fields: dict[str, Any] = {
+        "manufacturer": info.manufacturer[:200],
+        "serial": info.serial[:200],
+        "model": info.model[:200],
+        "version": info.version,
+        "level": info.level,
+    }
+    values = info.details.get("coin_values")
+    if isinstance(values, dict):
+        fields["coin_values"] = {str(t): v for t, v in values.items() if isinstance(v, int)}
+    return fields
 
 
 def _new_id() -> str:

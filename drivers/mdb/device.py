@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import time
@@ -64,6 +65,8 @@ class DeviceEvent:
 class StateChanged(DeviceEvent):
     state: DeviceState
     detail: str = ""
+    #: What start-up learned, on the change to READY (a copy: later start-ups do not alter it).
+    info: DeviceInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +269,14 @@ class MdbDevice(abc.ABC):
         log.info("%s: %s -> %s %s", self.NAME, self.state.value, state.value, detail)
         self.state = state
         self.nudge()
-        self.emit(StateChanged(self.NAME, state, detail))
+        self.emit(self.state_event(detail))
+
+    def state_event(self, detail: str = "") -> StateChanged:
+        """The device's current state as an event; when READY, with what start-up learned."""
+        info = None
+        if self.state is DeviceState.READY:
+            info = dataclasses.replace(self.info, details=dict(self.info.details))
+        return StateChanged(self.NAME, self.state, detail, info)
 
     async def start_up(self) -> None:
         """RESET, POLL until JUST RESET, then the device's own initialisation and enable."""

@@ -42,7 +42,7 @@ import json
 import logging
 import random
 import socket
-import sys
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from drivers.mdb.autopoll import ARM_OP, POLLED_OP, Polled
 from drivers.mdb.block import address_of, command_block
 from drivers.mdb.commands import ACK_OR_DATA, ReplyShape
 from drivers.mdb.line_child import FRAME_HEADER, encode_frame
+from drivers.mdb.line_spawn import TRACE_LEVEL, LineSettings, take_prespawned
 from drivers.mdb.master import (
     BUS_RESET_QUIET_S,
     DEFAULT_MAX_ATTEMPTS,
@@ -73,8 +74,6 @@ from drivers.mdb.master import (
 from drivers.recurring import FailureLog
 
 log = logging.getLogger("drivers.mdb.line_process")
-#: The TRACE level of drivers.mdb.master (raw bus bytes), named here for the child's log level.
-TRACE_LEVEL = 5
 
 #: Python start-up plus opening the port, on a slow ARM board.
 CHILD_READY_TIMEOUT_S = 20.0
@@ -117,6 +116,29 @@ def error_as_mdb(error: DriverError) -> MdbError:
 # --- the parent --------------------------------------------------------------------------------
 
 
+class _AdoptedProcess:
+    """A line process started early (``drivers.mdb.line_spawn``), seen as the asyncio process
+    the master otherwise starts: its exit status, waiting for it, killing it."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self._process = process
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.poll()
+
+    async def wait(self) -> int:
+        # Only at a stop, after "stop" was sent or with a kill to follow: the thread ends.
+        return await asyncio.to_thread(self._process.wait)
+
+    def kill(self) -> None:
+        self._process.kill()
+
+
 class LineProcessMaster(MdbBus):
     """``MdbBus`` whose line is served by a child process (see the module docstring)."""
 
@@ -137,7 +159,7 @@ class LineProcessMaster(MdbBus):
         self._pcap = str(pcap or "")
         self._trace = trace
         self._realtime_priority = realtime_priority
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: asyncio.subprocess.Process | _AdoptedProcess | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -182,33 +204,29 @@ class LineProcessMaster(MdbBus):
         await self._start_child()
 
     async def _start_child(self) -> None:
-        parent_sock, child_sock = socket.socketpair()
         level = TRACE_LEVEL if self._trace else logging.getLogger("drivers.mdb").getEffectiveLevel()
-        argv = [
-            sys.executable,
-            "-m",
-            "drivers.mdb.line_child",
-            "--fd",
-            str(child_sock.fileno()),
-            "--kind",
-            self.kind,
-            "--port",
-            self.port,
-            "--slack-s",
-            str(self.timing.slack_s),
-            "--log-level",
-            str(level),
-        ]
-        if self._pcap:
-            argv += ["--pcap", self._pcap]
-        if self._realtime_priority:
-            argv += ["--realtime-priority", str(self._realtime_priority)]
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *argv, pass_fds=(child_sock.fileno(),), stdin=asyncio.subprocess.DEVNULL
-            )
-        finally:
-            child_sock.close()
+        settings = LineSettings(
+            kind=self.kind,
+            port=self.port,
+            slack_s=self.timing.slack_s,
+            log_level=level,
+            pcap=self._pcap,
+            realtime_priority=self._realtime_priority,
+        )
+        early = None if self.reconnects else take_prespawned(settings)
+        if early is not None:  # started by ``vmc run`` before the daemon's imports
+            parent_sock = early.parent_sock
+            self._proc = _AdoptedProcess(early.process)
+        else:
+            parent_sock, child_sock = socket.socketpair()
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *settings.argv(child_sock.fileno()),
+                    pass_fds=(child_sock.fileno(),),
+                    stdin=asyncio.subprocess.DEVNULL,
+                )
+            finally:
+                child_sock.close()
         reader, self._writer = await asyncio.open_unix_connection(sock=parent_sock)
         self._ready = asyncio.get_running_loop().create_future()
         self._reader_task = asyncio.create_task(self._read_replies(reader), name="mdb-line-rx")

@@ -72,6 +72,13 @@ class AuditData:
     ) -> Occurrence | None:
         return self.latest.get((rtype, device, state))
 
+    def identity(self, device: str) -> Mapping[str, Any]:
+        """The latest retained ``device`` record in which ``device`` named itself (online or
+        recovered, with its MDB identity); empty when none is retained."""
+        records = (self.last("device", device, state) for state in ("online", "recovered"))
+        found = [o for o in records if o is not None and "model" in o.data]
+        return max(found, key=lambda o: o.seq).data if found else {}
+
     @property
     def last_reset_seq(self) -> int:
         """The seq of the latest retained read with reset (0: none retained)."""
@@ -104,6 +111,14 @@ def read_audit_data(conn: sqlite3.Connection) -> AuditData:
                     latest[("door", None, None)] = occurrence
             else:
                 latest[(str(rtype), None, None)] = occurrence
+        # The changer's own coin values (its SETUP, journaled when it came up) win over the
+        # values seen on coins taken in.
+        for state in ("online", "recovered"):
+            named = latest.get(("device", "coin", state))
+            if named is not None and isinstance(named.data.get("coin_values"), dict):
+                for key, value in named.data["coin_values"].items():
+                    if isinstance(value, int):
+                        coin_values[int(key)] = value
         max_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0]
     finally:
         conn.execute("COMMIT")

@@ -106,10 +106,23 @@ def _sum(data: AuditData, names: Iterable[str], *, interim: bool) -> int:
     return sum(data.interim(n) if interim else data.lifetime(n) for n in names)
 
 
+def _identification(name: str, data: AuditData, device: str, unknown_model: str) -> str:
+    """CA1/BA1/DA1: serial (manufacturer code and serial number), model, software version, as
+    the device reported them at its last start-up (journaled); the generic model when no such
+    record is retained."""
+    known = data.identity(device)
+    if not known:
+        return segment(name, "", unknown_model)
+    serial = f"{known.get('manufacturer', '')}{known.get('serial', '')}".strip()
+    model = str(known.get("model", "")).strip() or unknown_model
+    version = known.get("version")
+    return segment(name, serial, model, f"{version:04d}" if isinstance(version, int) else "")
+
+
 def _cash_segments(data: AuditData, identity: Identity) -> list[str]:
     lines = []
     if identity.coin:
-        lines.append(segment("CA1", "", "MDB-COIN"))
+        lines.append(_identification("CA1", data, "coin", "MDB-COIN"))
     lines.append(segment("CA2", *_pair(data, "sales.method.cash.value", "sales.method.cash.count")))
     coins_box = "cash_in.coin.cashbox.value"
     coins_tubes = "cash_in.coin.tubes.value"
@@ -142,21 +155,21 @@ def _cash_segments(data: AuditData, identity: Identity) -> list[str]:
         for t in tubes:
             lines.append(segment("CA17", t, data.coin_values.get(t), counts[t]))
     if identity.bill:
-        lines.append(segment("BA1", "", "MDB-BILL"))
+        lines.append(_identification("BA1", data, "bill", "MDB-BILL"))
     return lines
 
 
 def _cashless_segments(data: AuditData, identity: Identity) -> list[str]:
     lines = []
     # Cashless 1 is the MDB card reader (DA), cashless 2 the QR e-wallet (DB).
-    for tag, method, present, model in (
-        ("DA", "card", identity.cashless, "MDB-CASHLESS"),
-        ("DB", "qr", identity.qr, "QR-WALLET"),
+    for tag, method, device, present, model in (
+        ("DA", "card", "cashless", identity.cashless, "MDB-CASHLESS"),
+        ("DB", "qr", "", identity.qr, "QR-WALLET"),
     ):
         sold = data.lifetime(f"sales.method.{method}.count")
         if not present and not sold:
             continue
-        lines.append(segment(f"{tag}1", "", model))
+        lines.append(_identification(f"{tag}1", data, device, model))
         lines.append(
             segment(
                 f"{tag}2",

@@ -418,10 +418,18 @@ SCHEMAS: Final[dict[str, _Spec]] = {
         "capacity": (_int_in(1, MAX_COUNT), False),
         "reason": (_text, False),
     },
+    # A device that came up names itself (its MDB identity, for the audit report's CA1, BA1,
+    # DA1) and a changer its coin values (CA17); both optional.
     "device": {
         "device": (_text, True),
         "state": (_one_of("online", "offline", "fault", "recovered"), True),
         "detail": (_text, True),
+        "manufacturer": (_text, False),
+        "serial": (_text, False),
+        "model": (_text, False),
+        "version": (_count, False),
+        "level": (_count, False),
+        "coin_values": (_coins, False),
     },
     "door": {"open": (_boolean, True)},
     # A rejected cloud command names its result's error code and, when it could be read, its
