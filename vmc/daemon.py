@@ -15,8 +15,8 @@ fatal error that ends the daemon) stops it within ``STOP_BUDGET_S``, in this ord
    (``MdbDevice.stop_accepting_now``), the vend cycle's current step may finish, and the devices
    poll on until they are quiet, so that money already in flight is reported and journaled;
 2. the cloud link publishes ``online: false`` and disconnects (bounded by
-   ``CLOUD_STOP_TIMEOUT_S``); the control interface closes: subscribers get ``closing``, a
-   request still waiting gets ``{"ok": false, "error": "closing"}``;
+   ``vmc.cloud.wiring.CLOUD_STOP_TIMEOUT_S``); the control interface closes: subscribers get
+   ``closing``, a request still waiting gets ``{"ok": false, "error": "closing"}``;
 3. tasks cancelled and awaited, the motor board and the bus master closed, the journal closed,
    simulator children terminated.
 """
@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -52,7 +52,7 @@ from vmc.children import Child, start_child
 from vmc.config import Config
 from vmc.console.serial import SerialConsole
 from vmc.control import ControlServer
-from vmc.dex.hooks import cloud_dex_hook, dex_port_task
+from vmc.dex.hooks import dex_port_task
 from vmc.errors import VmcError
 from vmc.journal import Journal, JournalCorrupt
 from vmc.journal.recovery import DeviceFacts, stock_levels
@@ -64,11 +64,7 @@ from vmc.technician import Technician
 if TYPE_CHECKING:
     # Imported where the cloud link starts: a cash-only machine never loads them (MQTT, TLS,
     # cryptography, qrcode and PIL are half the daemon's memory; bench/footprint.py).
-    from vmc.cloud.commands import CommandProcessor
-    from vmc.cloud.link import CloudLink, LinkStatus
-    from vmc.cloud.sync import JournalSync
-    from vmc.cloud.telemetry import Telemetry
-    from vmc.payments.qr import QrPayments
+    from vmc.cloud.wiring import CloudWiring
 
 log = structlog.get_logger("vmc.daemon")
 
@@ -152,11 +148,8 @@ class Daemon:
         self._mdb_link_log = FailureLog(log)
         self._last_device_event = 0.0
         self._shut_down = False
-        self.cloud: CloudLink | None = None
-        self.commands: CommandProcessor | None = None
-        self.qr: QrPayments | None = None
-        self._cloud_sync: JournalSync | None = None
-        self._telemetry: Telemetry | None = None
+        #: The cloud side (link, sync, telemetry, commands, QR) while ``[cloud] enabled``.
+        self.cloud: CloudWiring | None = None
         self._started_mono = 0.0
         #: READY, STATUS, WATCHDOG, STOPPING for systemd (vmc/service.py), once running.
         self.service: ServiceReporter | None = None
@@ -308,127 +301,36 @@ class Daemon:
         """What the control interface adds to the machine's STATE."""
         return {
             "mdb_link": dict(self.mdb_link) if self.mdb_link else None,
-            "cloud_link": self.cloud.status.as_dict() if self.cloud is not None else None,
+            "cloud_link": self._cloud_status(),
         }
 
     # --- cloud link -------------------------------------------------------------------------
 
-    async def _publish_order(self, payload: Mapping[str, Any]) -> bool:
-        cloud = self.cloud
-        return cloud is not None and await cloud.publish_json("orders", dict(payload), qos=1)
+    def _cloud_status(self) -> dict[str, Any] | None:
+        status = self.cloud.status if self.cloud is not None else None
+        return status.as_dict() if status is not None else None
 
     async def _start_cloud(self) -> None:
-        """Start the cloud link as a task of its own: nothing here waits on the network. The
-        signed-command processor opens first (its replay cache and unpublished results are on
-        disk: a result a previous run could not publish goes out once the link is up)."""
-        cloud = self.config.cloud
-        if not cloud.enabled:
+        if not self.config.cloud.enabled:
             return
-        from vmc.cloud.commands import CommandProcessor
-        from vmc.cloud.link import CloudLink, LinkState, software_version
-        from vmc.cloud.sync import JournalSync
-        from vmc.cloud.telemetry import Telemetry
-        from vmc.payments.qr import QrPayments
+        from vmc.cloud.wiring import CloudWiring
 
         journal, machine = self.journal, self.machine
         assert journal is not None and machine is not None
-        # QR payment is a method of the vend cycle (vmc/payments/qr.py), offered while the link
-        # is up; its orders are journaled and published live, its vends come as commands.
-        self.qr = QrPayments(
-            machine,
-            link_up=lambda: self.cloud is not None and self.cloud.state is LinkState.UP,
-            publish_order=self._publish_order,
-        )
-        self.commands = await CommandProcessor.open(self.config, journal, machine, qr=self.qr)
-        machine_id = self.config.machine.id
-        self._cloud_sync = JournalSync(
+        self.cloud = CloudWiring(
+            self.config,
             journal,
-            machine_id,
-            batch_records=cloud.batch_records,
-            max_in_flight=cloud.max_in_flight,
-            ack_timeout_s=cloud.ack_timeout_s,
+            machine,
+            self.devices,
+            motor_present=lambda: self.motor is not None,
+            started_mono=self._started_mono,
+            stopping=lambda: self._shut_down,
         )
-        self._telemetry = Telemetry(self._telemetry_payload, heartbeat_s=cloud.heartbeat_s)
-        self.cloud = CloudLink(
-            cloud,
-            machine_id,
-            boot_id=journal.boot_id,
-            version=software_version(),
-            sync=self._cloud_sync,
-            telemetry=self._telemetry,
-            commands=self.commands,
-        )
-        self.commands.on_sync = self.cloud.request_sync
-        self.commands.on_dex = cloud_dex_hook(self.config, journal, self.cloud.publish_json)
-        self.cloud.add_listener(self._on_cloud_link)
-        self.spawn("cloud-link", self.cloud.run())
-        self.spawn("cloud-telemetry-changes", self._watch_for_telemetry())
-
-    def _on_cloud_link(self, status: LinkStatus) -> None:
-        if self.machine is not None and not self._shut_down:
-            self.machine.hub.publish({"event": "cloud", **status.as_dict()})
-        if self._telemetry is not None:
-            self._telemetry.changed()
-
-    async def _watch_for_telemetry(self) -> None:
-        """Every machine event may change what telemetry shows; it debounces and compares."""
-        machine, telemetry, journal = self.machine, self._telemetry, self.journal
-        assert machine is not None and telemetry is not None and journal is not None
-        had_backlog = journal.backlog > 0
-
-        def backlog_changed(_seq: int = 0) -> None:
-            nonlocal had_backlog
-            if (journal.backlog > 0) != had_backlog:
-                had_backlog = journal.backlog > 0
-                telemetry.changed()
-
-        unsubscribe = journal.on_append(backlog_changed)
-        queue = machine.hub.subscribe()
-        try:
-            while True:
-                await queue.get()
-                telemetry.changed()
-                backlog_changed()
-        finally:
-            machine.hub.unsubscribe(queue)
-            unsubscribe()
-
-    def _telemetry_payload(self) -> dict[str, Any]:
-        from vmc.cloud.link import software_version
-        from vmc.cloud.telemetry import build_telemetry
-
-        machine, journal = self.machine, self.journal
-        assert machine is not None
-        return build_telemetry(
-            machine_id=self.config.machine.id,
-            ts=_format_now(),
-            version=software_version(),
-            boot_id=journal.boot_id if journal is not None else "",
-            uptime_s=asyncio.get_running_loop().time() - self._started_mono,
-            link=self.cloud.status if self.cloud is not None else None,
-            snapshot=machine.snapshot(),
-            devices=self.devices,
-            motor_present=self.motor is not None,
-            journal=journal,
-        )
+        await self.cloud.start(self.spawn)
 
     async def _stop_cloud(self) -> None:
-        cloud = self.cloud
-        if cloud is None:
-            return
-        try:
-            async with asyncio.timeout(CLOUD_STOP_TIMEOUT_S):
-                await cloud.stop()
-        except TimeoutError:
-            log.warning("stop: cloud link did not stop in time")
-        if self._cloud_sync is not None:
-            self._cloud_sync.close()
-        if self.qr is not None:
-            await self.qr.close()
-            self.qr = None
-        if self.commands is not None:
-            await self.commands.close()
-            self.commands = None
+        if self.cloud is not None:
+            await self.cloud.stop()
 
     # --- devices ----------------------------------------------------------------------------
 
@@ -542,7 +444,12 @@ class Daemon:
         if self.mdb_link is not None and self.mdb_link["state"] == "down":
             machine.set_fault(MDB_LINK_FAULT, f"MDB link down: {self.mdb_link['detail']}")
         self._vend_task = self.spawn("vend-cycle", machine.run())
-        technician = Technician(self.config, machine, self.devices, cloud=lambda: self.cloud)
+        technician = Technician(
+            self.config,
+            machine,
+            self.devices,
+            cloud=lambda: self.cloud.link if self.cloud is not None else None,
+        )
         self.control = ControlServer(
             Path(self.config.control.socket),
             machine,
@@ -619,9 +526,8 @@ class Daemon:
 
     def _service_status(self) -> str:
         assert self.machine is not None
-        return status_line(
-            self.machine.snapshot(), self.cloud.state.value if self.cloud is not None else None
-        )
+        status = self.cloud.status if self.cloud is not None else None
+        return status_line(self.machine.snapshot(), status.state.value if status else None)
 
     async def _prune_daily(self) -> None:
         journal = self.journal
@@ -807,12 +713,6 @@ class Daemon:
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def _format_now() -> str:
-    from vmc.journal.records import format_ts
-
-    return format_ts(_utc_now())
 
 
 async def _nothing() -> None:
