@@ -39,7 +39,7 @@ from drivers.mdb.device import (
     MdbDevice,
     StatusReported,
 )
-from drivers.mdb.master import MdbBus
+from drivers.mdb.master import MdbBus, Reply
 
 log = logging.getLogger("drivers.mdb.bill")
 
@@ -668,10 +668,13 @@ class BillValidator(MdbDevice):
         await self.send(BILL_TYPE, setting.encode())
         self._bill_type_sent = setting
 
-    async def poll_once(self) -> list[DeviceEvent]:
-        reply = await self.poll_request()
+    def handle_poll_reply(self, reply: Reply) -> list[DeviceEvent]:
         events = self.parse_poll(reply.data) if reply.data else []
         return self._digest(events)
+
+    def needs_every_poll(self) -> bool:
+        # A bare ACK clears the standing conditions (``_digest``).
+        return bool(self.details.conditions)
 
     def _digest(self, events: Iterable[DeviceEvent]) -> list[DeviceEvent]:
         """Track standing conditions and the escrowed bill; settle a waiting ``escrow``."""

@@ -1143,6 +1143,19 @@ class CashlessReader(MdbDevice):
             log.warning("%s: no END SESSION after SESSION COMPLETE; session closed", self.NAME)
             self._end_session_locally()
 
+    def turn_in_s(self) -> float | None:
+        turn_in_s = super().turn_in_s()
+        if turn_in_s == 0.0:
+            return turn_in_s
+        if self._cancel_requested and self.session is SessionPhase.IDLE:
+            return 0.0  # SESSION COMPLETE is due (``after_poll``)
+        if self.session is SessionPhase.ENDING:
+            # ``after_poll`` closes a session left ENDING this long; one poll interval after
+            # that, as a POLL-paced check would.
+            left_s = self._ending_since + self.NON_RESPONSE_S - self._clock()
+            return max(0.0, left_s) + self.poll_interval_s
+        return turn_in_s
+
     def emit(self, event: DeviceEvent) -> None:
         """Track the session from every event before it goes upwards."""
         if isinstance(event, BeginSession):

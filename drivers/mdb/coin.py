@@ -758,6 +758,7 @@ class CoinChanger(MdbDevice):
         Sent with the next COIN TYPE, at the supervisor's next turn."""
         self.accepted_mask = None if mask is None else mask & 0xFFFF
         self._enabled_applied = None  # make the supervisor send COIN TYPE again
+        self.nudge()
 
     async def apply_enable(self, enabled: bool) -> None:
         setup = self._need_setup()
@@ -769,8 +770,7 @@ class CoinChanger(MdbDevice):
 
     # --- polling -----------------------------------------------------------------------
 
-    async def poll_once(self) -> list[DeviceEvent]:
-        reply = await self.poll_request()
+    def handle_poll_reply(self, reply: Reply) -> list[DeviceEvent]:
         self._last_poll_quiet = not reply.data
         if not reply.data:
             self.payout_busy = False
@@ -839,6 +839,10 @@ class CoinChanger(MdbDevice):
         if pending is not None and self._reply_ns > pending.baseline_ns:
             moves = pending.tube_moves
             moves[coin_type] = moves.get(coin_type, 0) + delta
+
+    def needs_every_poll(self) -> bool:
+        # A bare ACK ends a payout-busy report and lets ``after_poll`` refresh stale tubes.
+        return self._tubes_stale or self.payout_busy or not self._last_poll_quiet
 
     async def after_poll(self) -> None:
         # Refresh only after a quiet POLL: a command between a data POLL whose ACK was lost

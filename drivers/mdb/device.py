@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from drivers.errors import MdbError, NakReceived, NoResponse
+from drivers.mdb.autopoll import AutopollBus, Polled
 from drivers.mdb.block import COMMAND_MASK
 from drivers.mdb.commands import ACK_ONLY, ACK_OR_DATA, CommandDef, ReplyShape
 from drivers.mdb.master import MdbBus, Priority, Reply
@@ -134,6 +136,10 @@ class MdbDevice(abc.ABC):
         self._enabled_applied: bool | None = None
         self._last_answer = clock()
         self._offline_log = FailureLog(log)
+        #: The master when it can run this device's idle POLLs in its line (autopoll).
+        self._autopoll_bus = master if isinstance(master, AutopollBus) else None
+        #: Set when something the supervisor may have to act on without a POLL changed.
+        self._nudged = asyncio.Event()
 
     # --- for subclasses ------------------------------------------------------------------
 
@@ -150,7 +156,33 @@ class MdbDevice(abc.ABC):
         """Send the command that enables or disables accepting (COIN TYPE, BILL TYPE, READER)."""
 
     async def after_poll(self) -> None:  # noqa: B027 - optional hook
-        """Called after every successful POLL (e.g. TUBE STATUS refresh after deposits)."""
+        """Called after every successful POLL (e.g. TUBE STATUS refresh after deposits), and
+        after every turn the supervisor takes without one while autopolled."""
+
+    def handle_poll_reply(self, reply: Reply) -> list[DeviceEvent]:
+        """What a POLL's answer (a bare ACK too) means: its events. Subclasses that track
+        something from every POLL extend this."""
+        return self.parse_poll(reply.data) if reply.data else []
+
+    def needs_every_poll(self) -> bool:
+        """True while a bare ACK to POLL would change something here (a standing status it
+        clears, a refresh it lets go): the supervisor then sends its POLLs itself instead of
+        having them autopolled, whose bare ACKs it never sees."""
+        return False
+
+    def turn_in_s(self) -> float | None:
+        """While autopolled: seconds until the supervisor must take a turn (enable, reset,
+        ``after_poll``) without a POLL result; 0 now, None only when a POLL result comes.
+        Rechecked whenever ``nudge`` is called."""
+        if self.state not in (DeviceState.READY, DeviceState.FAULT):
+            return 0.0
+        if self._enabled_applied is not self.enabled_wanted or self.needs_every_poll():
+            return 0.0
+        return None
+
+    def nudge(self) -> None:
+        """Something ``turn_in_s`` looks at may have changed: have the supervisor look."""
+        self._nudged.set()
 
     # --- shared mechanics ----------------------------------------------------------------
 
@@ -192,6 +224,8 @@ class MdbDevice(abc.ABC):
                 await asyncio.sleep(min(self.poll_interval_s, COMMAND_RETRY_PAUSE_S))
                 continue
             self._last_answer = self._clock()
+            # A command from outside the supervisor loop may change what it must do next.
+            self.nudge()
             return reply
 
     @property
@@ -220,6 +254,7 @@ class MdbDevice(abc.ABC):
     def set_enabled(self, enabled: bool) -> None:
         """Ask for accepting on/off; applied by the supervisor loop at its next turn."""
         self.enabled_wanted = enabled
+        self.nudge()
 
     def request_reset(self, why: str) -> None:
         """Start the device up again (RESET and its start-up sequence) at the supervisor's next
@@ -233,6 +268,7 @@ class MdbDevice(abc.ABC):
             return
         log.info("%s: %s -> %s %s", self.NAME, self.state.value, state.value, detail)
         self.state = state
+        self.nudge()
         self.emit(self.state_event(detail))
 
     def state_event(self, detail: str = "") -> StateChanged:
@@ -284,10 +320,83 @@ class MdbDevice(abc.ABC):
         return await self.request(self.POLL_CMD, priority=Priority.POLL, expect=self.POLL_REPLY)
 
     async def poll_once(self) -> list[DeviceEvent]:
-        reply = await self.poll_request()
-        if not reply.data:
-            return []
-        return self.parse_poll(reply.data)
+        return self.handle_poll_reply(await self.poll_request())
+
+    async def _next_poll_events(self) -> list[DeviceEvent]:
+        """The supervisor's next POLL result as events: its own POLL, or the line's autopoll
+        (an empty list also when a turn is due without one)."""
+        bus = self._autopoll_bus
+        if bus is None or self.needs_every_poll():
+            return await self.poll_once()
+        reply = await self._autopolled(bus)
+        return [] if reply is None else self.handle_poll_reply(reply)
+
+    def _will_autopoll(self) -> bool:
+        return self._autopoll_bus is not None and not self.needs_every_poll()
+
+    async def _autopolled(self, bus: AutopollBus) -> Reply | None:
+        """Arm this device's POLL in the line, wait for its first result that is not a bare
+        ACK, or for a turn due without one (then disarm, and take a result that came
+        meanwhile). The line suspends the POLL after each result it sends up."""
+        addr_cmd = self.ADDRESS | self.POLL_CMD
+        await bus.autopoll(addr_cmd, self.poll_interval_s, self.POLL_REPLY)
+        try:
+            polled = await self._wait_polled_or_turn(bus)
+        except BaseException:
+            # Cancelled (the daemon stops): hand the POLLs back so none is ACKed unheard.
+            with contextlib.suppress(MdbError):
+                await bus.autopoll(addr_cmd, None)
+            raise
+        if polled is None:
+            await bus.autopoll(addr_cmd, None)
+            polled = bus.take_polled(self.ADDRESS)
+            if polled is None:
+                return None
+        return await self._polled_reply(polled)
+
+    async def _wait_polled_or_turn(self, bus: AutopollBus) -> Polled | None:
+        while True:
+            self._nudged.clear()
+            turn_in_s = self.turn_in_s()
+            if turn_in_s is not None and turn_in_s <= 0:
+                return None
+            polled = bus.take_polled(self.ADDRESS)
+            if polled is not None:
+                return polled
+            getter = asyncio.ensure_future(bus.next_polled(self.ADDRESS))
+            nudged = asyncio.ensure_future(self._nudged.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    (getter, nudged), timeout=turn_in_s, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                nudged.cancel()
+                if not getter.done():
+                    getter.cancel()
+            if getter.done() and not getter.cancelled():
+                return getter.result()
+            if not done:
+                return None  # the turn ``turn_in_s`` asked for
+
+    async def _polled_reply(self, polled: Polled) -> Reply:
+        """An autopoll result taken as ``poll_request`` takes its own: the device's last
+        answer from the line's (bare ACKs are not sent up), and an unanswered POLL sent again
+        by the supervisor until the device has been silent its non-response time."""
+        if polled.last_answer_ns > 0:
+            # CLOCK_MONOTONIC in the line process; ``_clock`` may be another clock (tests):
+            # carry the answer's age over, not the stamp.
+            age_s = (time.monotonic_ns() - polled.last_answer_ns) / 1e9
+            self._last_answer = max(self._last_answer, self._clock() - age_s)
+        result = polled.result
+        if isinstance(result, Reply):
+            self._last_answer = self._clock()
+            return result
+        silent_for = self._clock() - self._last_answer
+        if not isinstance(result, (NoResponse, NakReceived)) or silent_for >= self.NON_RESPONSE_S:
+            raise result
+        log.debug("%s: %s; sending POLL again", self.NAME, result)
+        await asyncio.sleep(min(self.poll_interval_s, COMMAND_RETRY_PAUSE_S))
+        return await self.poll_request()
 
     async def run(self) -> None:
         """Supervisor loop: start up, poll at cadence, drop to OFFLINE when silent, restart."""
@@ -297,7 +406,7 @@ class MdbDevice(abc.ABC):
                     await self.start_up()
                     self._offline_log.recovered(f"{self.NAME}: answers again", device=self.NAME)
                     continue
-                events = await self.poll_once()
+                events = await self._next_poll_events()
                 restart = False
                 for event in events:
                     if isinstance(event, JustReset):
@@ -311,7 +420,8 @@ class MdbDevice(abc.ABC):
                     continue
                 await self._apply_wanted_enable()
                 await self.after_poll()
-                await asyncio.sleep(self.poll_interval_s)
+                if not self._will_autopoll():
+                    await asyncio.sleep(self.poll_interval_s)  # an autopoll waits in the line
             except MdbError as exc:
                 silent_for = self._clock() - self._last_answer
                 alive = self.state in (DeviceState.READY, DeviceState.FAULT)

@@ -19,16 +19,19 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from drivers.errors import DriverError, LinkClosed, MdbError
+from drivers.mdb.autopoll import ARM_OP, POLLED_OP, AutopollSchedule, Polled
 from drivers.mdb.commands import ACK_OR_DATA, ReplyShape
 from drivers.mdb.link import open_link
 from drivers.mdb.master import (
     SCHED_NORMAL,
     BusMaster,
     BusStats,
+    Reply,
     Timing,
     set_realtime_priority,
 )
@@ -82,6 +85,34 @@ def error_frame(req_id: int, exc: MdbError, stats: BusStats) -> dict[str, Any]:
     }
 
 
+def reply_frame(req_id: int, reply: Reply, stats: BusStats) -> dict[str, Any]:
+    return {
+        "id": req_id,
+        "ok": True,
+        "ac": reply.addr_cmd,
+        "d": reply.data.hex(),
+        "att": reply.attempts,
+        "rns": reply.reply_ns,
+        "ans": reply.ack_ns,
+        "stats": stats_tuple(stats),
+    }
+
+
+def polled_frame(polled: Polled, stats: BusStats) -> dict[str, Any]:
+    """An autopoll result for the parent (drivers/mdb/autopoll.py): a reply's or an error's
+    fields, without a request id, with the address's last answer."""
+    result = polled.result
+    if isinstance(result, Reply):
+        frame = reply_frame(0, result, stats)
+    else:
+        frame = error_frame(0, result, stats)
+    del frame["id"]
+    frame["op"] = POLLED_OP
+    frame["ac"] = polled.addr_cmd
+    frame["last_answer_ns"] = polled.last_answer_ns
+    return frame
+
+
 def serve(
     sock: socket.socket,
     kind: str,
@@ -125,12 +156,33 @@ def serve(
 
     threading.Thread(target=read_requests, name="mdb-line-requests", daemon=True).start()
     send({"op": "ready", "sched": scheduling})
+    autopolls = AutopollSchedule()
     try:
         while True:
-            _priority, _n, frame = jobs.get()
+            # The parent's requests first; an armed POLL only when none waits (lowest priority).
+            wait_s = autopolls.wait_s(time.monotonic())
+            try:
+                if wait_s is None:
+                    _priority, _n, frame = jobs.get()
+                elif wait_s <= 0:
+                    _priority, _n, frame = jobs.get_nowait()
+                else:
+                    _priority, _n, frame = jobs.get(timeout=wait_s)
+            except queue.Empty:
+                polled = autopolls.poll_due(engine, time.monotonic())
+                if polled is not None:
+                    send(polled_frame(polled, engine.stats))
+                    if isinstance(polled.result, LinkClosed):
+                        return 1
+                continue
             op = frame.get("op")
             if op == "stop":
                 return 0
+            if op == ARM_OP:
+                # Never skipped as cancelled: a disarm the parent gave up waiting for must
+                # still hand the address's POLLs back to it.
+                serve_arm(frame, autopolls, send)
+                continue
             req_id = int(frame["id"])
             if req_id in cancelled:
                 cancelled.discard(req_id)
@@ -153,24 +205,30 @@ def serve(
                 if isinstance(exc, LinkClosed):
                     return 1
                 continue
-            send(
-                {
-                    "id": req_id,
-                    "ok": True,
-                    "ac": reply.addr_cmd,
-                    "d": reply.data.hex(),
-                    "att": reply.attempts,
-                    "rns": reply.reply_ns,
-                    "ans": reply.ack_ns,
-                    "stats": stats_tuple(engine.stats),
-                }
-            )
+            send(reply_frame(req_id, reply, engine.stats))
     except OSError:
         return 1
     finally:
         link.close()
         if engine.pcap is not None:
             engine.pcap.close()
+
+
+def serve_arm(
+    frame: dict[str, Any], autopolls: AutopollSchedule, send: Callable[[dict[str, Any]], None]
+) -> None:
+    """Arm (``every_s`` a number) or disarm (``every_s`` null) one device's POLL. A disarm is
+    answered: it runs in the line thread, so no autopoll POLL is in flight once it is, and
+    every result before it went to the parent before its answer."""
+    addr_cmd = int(frame["ac"])
+    every_s = frame.get("every_s")
+    if every_s is None:
+        autopolls.disarm(addr_cmd)
+        send({"id": int(frame["id"]), "ok": True})
+        return
+    shape = frame.get("ex")
+    expect = ReplyShape(*shape) if shape else ACK_OR_DATA
+    autopolls.arm(addr_cmd, expect, float(every_s), time.monotonic())
 
 
 class _ParentLogHandler(logging.Handler):

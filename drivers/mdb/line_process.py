@@ -19,13 +19,18 @@ Frames on the socket pair: a 4-byte big-endian length, then a JSON object.
 Parent → child: ``{"op": "req", "id", "pri", "ac", "d" (hex), "ma", "ex"}`` (``ex``: the reply
 shape ``[ack, min, max]``), ``{"op": "cancel", "id"}``, ``{"op": "break", "id", "dur"}``,
 ``{"op": "ping", "id"}`` (answered ``{"id", "ok": true}`` when its turn comes in the queue,
-without bus traffic: the daemon's watchdog, vmc/service.py), ``{"op": "stop"}``.
+without bus traffic: the daemon's watchdog, vmc/service.py), ``{"op": "stop"}``, and
+``{"op": "autopoll", "ac", "d": "", "ex", "every_s"}``: arm a device's POLL in the line process
+at that interval, or with ``"every_s": null`` and an ``id`` disarm it (answered ``{"id", "ok":
+true}``); see drivers/mdb/autopoll.py.
 Child → parent: ``{"op": "ready", "sched"}`` (``sched``: how the line is scheduled) or
 ``{"op": "fatal", "msg"}`` once at start; then per request ``{"id", "ok": true, "ac", "d",
 "att", "rns", "ans", "stats"}`` or ``{"id", "ok": false, "err", "msg", "addr", "att", "stats"}``;
 for a break ``{"id", "ok": true, "sent"}``; and at any time ``{"op": "log", "lvl", "name",
 "msg"}``: a log record of the child, which the parent logs as its own (one log output, in the
-daemon's format, TRACE lines included).
+daemon's format, TRACE lines included); and ``{"op": "polled", "ac", "ok", ...,
+"last_answer_ns"}``: an autopoll POLL's data reply or error, with the fields of a request's
+answer, unsolicited.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from drivers.errors import (
     NakReceived,
     NoResponse,
 )
+from drivers.mdb.autopoll import ARM_OP, POLLED_OP, Polled
 from drivers.mdb.block import address_of, command_block
 from drivers.mdb.commands import ACK_OR_DATA, ReplyShape
 from drivers.mdb.line_child import FRAME_HEADER, encode_frame
@@ -91,6 +97,20 @@ def _rebuild_error(frame: dict[str, Any]) -> MdbError:
     if kind == "LinkClosed":
         return LinkClosed(msg)
     return MdbError(f"{kind}: {msg}")
+
+
+def _reply_of(frame: dict[str, Any]) -> Reply:
+    return Reply(
+        int(frame["ac"]),
+        bytes.fromhex(frame["d"]),
+        int(frame["att"]),
+        int(frame["rns"]),
+        int(frame["ans"]),
+    )
+
+
+def error_as_mdb(error: DriverError) -> MdbError:
+    return error if isinstance(error, MdbError) else LinkClosed(str(error))
 
 
 # --- the parent --------------------------------------------------------------------------------
@@ -158,6 +178,12 @@ class LineProcessMaster(MdbBus):
         self.link_detail = "not opened yet"
         #: Children started after a lost link (0 while the first one serves).
         self.reconnects = 0
+        #: Autopoll results per device address, and the addresses armed in the child now.
+        self._polled: dict[int, asyncio.Queue[Polled]] = {}
+        self._armed: set[int] = set()
+        #: Frames received from the line process, every child counted (an idle autopolled bus
+        #: sends none).
+        self.frames_received = 0
 
     def add_link_listener(self, listener: LinkListener) -> None:
         """``listener(up, detail)`` on every change of the link, on the event loop."""
@@ -223,6 +249,7 @@ class LineProcessMaster(MdbBus):
                 header = await reader.readexactly(FRAME_HEADER.size)
                 (length,) = FRAME_HEADER.unpack(header)
                 frame: dict[str, Any] = json.loads(await reader.readexactly(length))
+                self.frames_received += 1
                 op = frame.get("op")
                 if op == "log":
                     logging.getLogger(str(frame.get("name", "drivers.mdb"))).log(
@@ -237,6 +264,11 @@ class LineProcessMaster(MdbBus):
                 if op == "fatal":
                     error = LinkConfigError(str(frame.get("msg")))
                     break
+                if op == POLLED_OP:
+                    self._on_polled(frame)
+                    if frame.get("err") == "LinkClosed":
+                        error = LinkClosed(f"the MDB port went away: {frame.get('msg', '')}")
+                    continue
                 if "stats" in frame:
                     self.stats = BusStats(*frame["stats"])
                 if frame.get("err") == "LinkClosed":
@@ -250,6 +282,22 @@ class LineProcessMaster(MdbBus):
             self._gone = error
             self._fail_all(error)
             self._on_child_gone(error)
+
+    def _on_polled(self, frame: dict[str, Any]) -> None:
+        self.stats = BusStats(*frame["stats"])
+        addr_cmd = int(frame["ac"])
+        address = address_of(addr_cmd)
+        self._armed.discard(address)  # the child suspended it
+        result: Reply | MdbError = _reply_of(frame) if frame.get("ok") else _rebuild_error(frame)
+        self._polled_queue(address).put_nowait(
+            Polled(addr_cmd, result, int(frame["last_answer_ns"]))
+        )
+
+    def _polled_queue(self, address: int) -> asyncio.Queue[Polled]:
+        found = self._polled.get(address)
+        if found is None:
+            found = self._polled[address] = asyncio.Queue()
+        return found
 
     def _on_child_gone(self, error: DriverError) -> None:
         """The child ended while it served: the link is down; reopen it with backoff."""
@@ -289,6 +337,11 @@ class LineProcessMaster(MdbBus):
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
+        # An armed POLL died with the child: its device hears it as that POLL's error.
+        for address in self._armed:
+            failed = Polled(address, error_as_mdb(error), 0)
+            self._polled_queue(address).put_nowait(failed)
+        self._armed.clear()
 
     async def _call(self, frame: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         if self._gone is not None:
@@ -334,13 +387,45 @@ class LineProcessMaster(MdbBus):
             raise NoResponse(address_of(addr_cmd), 0) from exc
         if not answer.get("ok"):
             raise _rebuild_error(answer)
-        return Reply(
-            int(answer["ac"]),
-            bytes.fromhex(answer["d"]),
-            int(answer["att"]),
-            int(answer["rns"]),
-            int(answer["ans"]),
-        )
+        return _reply_of(answer)
+
+    async def autopoll(
+        self, addr_cmd: int, every_s: float | None, expect: ReplyShape = ACK_OR_DATA
+    ) -> None:
+        """Arm (``every_s``) or disarm (None) the POLL ``addr_cmd`` in the line process
+        (drivers/mdb/autopoll.py). Arming returns at once; disarming once the child answered,
+        after every earlier result of that address reached ``next_polled``."""
+        address = address_of(addr_cmd)
+        frame: dict[str, Any] = {
+            "op": ARM_OP,
+            "pri": int(Priority.RESET),
+            "ac": addr_cmd,
+            "d": "",
+            "ex": expect.as_tuple(),
+            "every_s": every_s,
+        }
+        if every_s is None:
+            self._armed.discard(address)
+            try:
+                await self._call(frame, REQUEST_DEADLINE_S)
+            except TimeoutError as exc:
+                raise NoResponse(address, 0) from exc
+            return
+        if self._gone is not None:
+            raise LinkClosed(f"the MDB link is down: {self._gone}")
+        if self._closed or self._writer is None:
+            raise LinkClosed("bus master is not running")
+        self._writer.write(encode_frame(frame))
+        self._armed.add(address)
+
+    async def next_polled(self, address: int) -> Polled:
+        return await self._polled_queue(address).get()
+
+    def take_polled(self, address: int) -> Polled | None:
+        queue = self._polled.get(address)
+        if queue is None or queue.empty():
+            return None
+        return queue.get_nowait()
 
     async def bus_reset(self, duration_s: float = 0.1) -> bool:
         answer = await self._call({"op": "break", "pri": 0, "dur": duration_s}, 2.0)
