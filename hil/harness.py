@@ -344,6 +344,17 @@ class Daemon:
         self.wait_accepting("bill")
         self.mdb_sim("bill", "insert", bill_type=bill_type)
 
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Daemon]:
+        """Started (in service), and stopped with SIGTERM at the end, which must exit 0."""
+        self.start()
+        try:
+            yield self
+        finally:
+            if self.proc is not None:
+                code, _elapsed = self.stop()
+                assert code == 0, f"vmc exited with {code} on SIGTERM"
+
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> tuple[int, float]:
         """Signal the daemon; return (exit status, seconds it took to exit)."""
         assert self.proc is not None

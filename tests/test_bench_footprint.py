@@ -13,15 +13,13 @@ contention, so a miss of those is accepted; the bench's own exit status reports 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.bench_support import run_quick
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
 #: --quick takes ~20 s on an idle machine; headroom for a loaded 2-core CI machine.
 T_BENCH_S = 100.0
 
@@ -42,16 +40,7 @@ BASELINES = (
 
 @pytest.mark.timeout(T_BENCH_S + 20)
 def test_quick_footprint_bench_prints_its_figures_and_meets_the_memory_target() -> None:
-    proc = subprocess.run(
-        [sys.executable, "bench/footprint.py", "--quick"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=T_BENCH_S,
-        check=False,
-    )
-    out = proc.stdout
-    assert proc.returncode in (0, 1), f"status {proc.returncode}\n{out}\n{proc.stderr[-3000:]}"
+    status, out = run_quick("footprint", T_BENCH_S)
 
     for pattern in BASELINES:
         found = re.search(pattern, out)
@@ -70,7 +59,7 @@ def test_quick_footprint_bench_prints_its_figures_and_meets_the_memory_target() 
         assert value > 0, line[0]
         assert mark == ("ok" if value <= target else "MISS"), line[0]
         verdicts[name] = value <= target
-    assert proc.returncode == (0 if all(verdicts.values()) else 1), out
+    assert status == (0 if all(verdicts.values()) else 1), out
     assert verdicts["RSS daemon + line process (MB)"], out
 
     starts = re.search(r"starts: first POLL / accepting \(s\)\s+(.*)$", out, re.MULTILINE)

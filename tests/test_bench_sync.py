@@ -7,12 +7,10 @@ numbers. Whether the targets are met depends on the machine, so exit status 0 (a
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.bench_support import run_quick
 from tests.mqtt_broker import mosquitto_binary
 
 pytestmark = [
@@ -20,7 +18,6 @@ pytestmark = [
     pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed"),
 ]
 
-REPO = Path(__file__).resolve().parent.parent
 #: --quick takes ~30 s; headroom for a loaded 2-core CI machine.
 T_BENCH_S = 150.0
 
@@ -42,16 +39,7 @@ def number(text: str) -> float:
 
 @pytest.mark.timeout(T_BENCH_S + 30)
 def test_quick_sync_bench_prints_every_figure_beside_its_target() -> None:
-    proc = subprocess.run(
-        [sys.executable, "bench/sync.py", "--quick"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=T_BENCH_S,
-        check=False,
-    )
-    out = proc.stdout
-    assert proc.returncode in (0, 1), f"status {proc.returncode}\n{out}\n{proc.stderr[-3000:]}"
+    status, out = run_quick("sync", T_BENCH_S)
     verdicts = []
     for name, (op, target) in TARGETS.items():
         line = re.search(
@@ -65,7 +53,7 @@ def test_quick_sync_bench_prints_every_figure_beside_its_target() -> None:
         met = value >= target if op == ">=" else value <= target
         assert mark == ("ok" if met else "MISS"), line[0]
         verdicts.append(met)
-    assert proc.returncode == (0 if all(verdicts) else 1), out
+    assert status == (0 if all(verdicts) else 1), out
 
     assert re.search(r"baseline records/s .*\s[\d,]+\s*$", out, re.MULTILINE), out
     assert re.search(r"floor: the same sampler.*\s\d+\.\d+\s*$", out, re.MULTILINE), out

@@ -7,15 +7,13 @@ a hang or a run that could not finish (status 2) is not."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.bench_support import run_quick
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
 #: --quick takes < 30 s on an idle machine; headroom for a loaded 2-core CI machine.
 T_BENCH_S = 100.0
 
@@ -37,16 +35,7 @@ STOPPED = re.compile(r"daemon SIGTERM -> exit status (\S+) in [\d.]+ s .*(PASS|F
 
 @pytest.mark.timeout(T_BENCH_S + 20)
 def test_quick_vend_bench_prints_its_figures_and_a_consistent_verdict() -> None:
-    proc = subprocess.run(
-        [sys.executable, "bench/vend.py", "--quick"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=T_BENCH_S,
-        check=False,
-    )
-    out = proc.stdout
-    assert proc.returncode in (0, 1), f"status {proc.returncode}\n{out}\n{proc.stderr}"
+    status, out = run_quick("vend", T_BENCH_S)
 
     counts = COUNTS.search(out)
     assert counts is not None, out
@@ -74,4 +63,4 @@ def test_quick_vend_bench_prints_its_figures_and_a_consistent_verdict() -> None:
     assert stopped is not None, out
     assert stopped[2] == ("PASS" if stopped[1] == "0" else "FAIL")
     verdicts.append(stopped[2])
-    assert proc.returncode == (0 if all(v == "PASS" for v in verdicts) else 1)
+    assert status == (0 if all(v == "PASS" for v in verdicts) else 1)

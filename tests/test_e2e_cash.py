@@ -28,14 +28,8 @@ BILL_500 = 0
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     state = tmp_path / "state"
     config = write_config(tmp_path / "vmc.toml", state)
-    d = Daemon(config, state)
-    d.start()
-    try:
+    with Daemon(config, state).running() as d:
         yield d
-    finally:
-        if d.proc is not None:
-            code, _elapsed = d.stop()
-            assert code == 0
 
 
 def coins_paid(ledger: dict[str, Any]) -> int:

@@ -365,13 +365,8 @@ def journald_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     d.log_path.write_bytes(b"")  # the daemon appends to this file: its inode is the stream's
     status = d.log_path.stat()
     monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
-    d.start()
-    try:
+    with d.running():
         yield d
-    finally:
-        if d.proc is not None:
-            code, _elapsed = d.stop()
-            assert code == 0
 
 
 @pytest.mark.slow

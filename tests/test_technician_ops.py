@@ -28,14 +28,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     tmp = tmp_path_factory.mktemp("technician")
     state = tmp / "state"
     extra = f'[console]\npin_hash = "{hash_pin("4711")}"\nidle_logout_s = {FILL_TIMEOUT_S}'
-    d = Daemon(write_config(tmp / "vmc.toml", state, extra=extra), state)
-    d.start()
-    try:
+    with Daemon(write_config(tmp / "vmc.toml", state, extra=extra), state).running() as d:
         yield d
-    finally:
-        if d.proc is not None:
-            code, _elapsed = d.stop()
-            assert code == 0
 
 
 def op(d: Daemon, name: str, **fields: Any) -> dict[str, Any]:
