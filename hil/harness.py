@@ -57,6 +57,7 @@ def write_config(
     slots: list[tuple[str, int, int, int, int]] | None = None,
     extra: str = "",
     devices: tuple[str, ...] = ("coin", "bill"),
+    mdb_extra: str = "",
 ) -> Path:
     lines = [
         "[machine]",
@@ -68,6 +69,7 @@ def write_config(
         "[mdb]",
         'link = "stream"',
         "timing_slack_ms = 20.0",
+        mdb_extra,
     ]
     lines += ["simulate = true"] if mdb_port is None else [f'port = "{mdb_port}"']
     for name in ("coin", "bill", "cashless"):

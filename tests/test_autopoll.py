@@ -322,3 +322,50 @@ async def test_a_reader_session_is_cancelled_and_closed_while_autopolled(
     # Closed by the timer: not before the reader's non-response time, and well before the
     # next thing that could have woken the supervisor (nothing else happened).
     assert 0.5 - DEVICE_POLL_S <= closed_after_s < 0.5 + 1.0
+
+
+async def _polls_during(sim: CoinChangerSim, window_s: float) -> int:
+    before = sim.counters.polls
+    await asyncio.sleep(window_s)
+    return sim.counters.polls - before
+
+
+async def test_a_quiet_interval_slows_the_autopoll_and_lifting_it_restores_it(
+    line: tuple[LineProcessMaster, CoinChangerSim, Path],
+) -> None:
+    """While nobody is at the machine the daemon gives the devices a longer interval for
+    their idle POLLs (``mdb.idle_poll_interval_ms``); it applies at once, both ways."""
+    master, sim, _capture = line
+    events: list[DeviceEvent] = []
+    device, task = await _changer(master, events)  # its own interval: 50 ms
+    quiet_s = 0.4
+    window_s = 1.2
+    try:
+        await _wait_autopolled(master, sim)
+        changes_before = len([e for e in events if isinstance(e, StateChanged)])
+        own = await _polls_during(sim, window_s)
+        device.set_quiet_poll_interval(quiet_s)
+        assert device.autopoll_interval_s() == quiet_s
+        await asyncio.sleep(DEVICE_POLL_S * 2)  # the POLL armed before the change may go
+        quiet = await _polls_during(sim, window_s)
+        device.set_quiet_poll_interval(None)
+        await asyncio.sleep(DEVICE_POLL_S * 2)
+        restored = await _polls_during(sim, window_s)
+        # 24 POLLs expected at 50 ms, 3 at 400 ms: far apart on any machine.
+        assert own >= 10, own
+        assert quiet <= window_s / quiet_s + 2, quiet
+        assert restored >= 10, restored
+        # Still the same device, never offline, no state change for the cadence's.
+        assert device.state is DeviceState.READY
+        assert len([e for e in events if isinstance(e, StateChanged)]) == changes_before
+    finally:
+        await stop_task(task)
+
+
+async def test_a_quiet_interval_shorter_than_the_devices_own_changes_nothing(
+    line: tuple[LineProcessMaster, CoinChangerSim, Path],
+) -> None:
+    master, _sim, _capture = line
+    device = QuickChanger(master, poll_interval_s=0.15, on_event=lambda _e: None)
+    device.set_quiet_poll_interval(0.1)
+    assert device.autopoll_interval_s() == 0.15

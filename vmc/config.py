@@ -516,6 +516,9 @@ def _unknown_key(dotted: str, table: str, name: str, known: tuple[str, ...]) -> 
 # --------------------------------------------------------------------------------------------
 
 _CHECK_POLL_INTERVAL = _Integer(20, 1000)
+#: ``mdb.idle_poll_interval_ms`` unless configured: the slow end of the cadence real VMCs
+#: POLL at (mdb.md "Timing": every 100-200 ms per device).
+DEFAULT_IDLE_POLL_INTERVAL_MS = 200
 #: SCHED_FIFO priority of the MDB line process unless configured (``mdb.realtime_priority``).
 DEFAULT_REALTIME_PRIORITY = 10
 
@@ -591,6 +594,14 @@ class MdbConfig(_Section):
     # CAP_SYS_NICE), which systemd/vmc.service grants, and is skipped with a log line without.
     realtime_priority: int = field(
         default=DEFAULT_REALTIME_PRIORITY, metadata=_spec(_Integer(0, 99))
+    )
+    # While nobody is at the machine (no credit, no vend, no payment session), the devices'
+    # idle POLLs go at this interval where it is longer than their own (0: at their own). The
+    # first coin's credit then shows up to this much later; real VMCs POLL every 100-200 ms
+    # (mdb.md "Timing"). An idle line's CPU share is mostly its POLLs' wake-ups
+    # (docs/footprint.md).
+    idle_poll_interval_ms: int = field(
+        default=DEFAULT_IDLE_POLL_INTERVAL_MS, metadata=_spec(_Integer(0, 1000))
     )
     # An absent device table means the device is not used.
     coin: MdbDeviceConfig = field(

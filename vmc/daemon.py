@@ -419,6 +419,14 @@ class Daemon:
                 log.warning("stacker count unavailable for recovery", error=str(exc))
         return DeviceFacts(tube_counts=tube_counts, coin_values=coin_values, stacker_count=stacker)
 
+    def _quiet_polls_while_idle(self, idle: bool) -> None:
+        """Nobody at the machine: the devices' idle POLLs slow to ``mdb.idle_poll_interval_ms``;
+        anyone at it: back to each device's own interval."""
+        interval_ms = self.config.mdb.idle_poll_interval_ms
+        quiet_s = interval_ms / 1000.0 if idle and interval_ms > 0 else None
+        for device in self.devices.values():
+            device.set_quiet_poll_interval(quiet_s)
+
     async def _start_machine(self) -> None:
         journal = self.journal
         assert journal is not None
@@ -433,6 +441,7 @@ class Daemon:
         )
         self.machine = machine
         self.event_listeners.append(machine.on_device_event)
+        machine.idle_listeners.append(self._quiet_polls_while_idle)
         # The devices run since _start_mdb: what they reported before the machine existed
         # (ready, while the motor board was still being opened) is given to it now.
         for device in self.devices.values():

@@ -166,6 +166,9 @@ class VendMachine:
         self._devices_down: set[str] = set()
         self.device_states: dict[str, str] = {}
         self._next_motor_check = 0.0
+        #: Called with ``idle()`` whenever it changes (checked after each step of the actor).
+        self.idle_listeners: list[Callable[[bool], None]] = []
+        self._was_idle: bool | None = None
 
     # --- what the cash method holds, as the machine shows it ---------------------------------
 
@@ -265,6 +268,14 @@ class VendMachine:
                 yield
             finally:
                 self.cash.end_session_if_done()
+                self._tell_idle()
+
+    def _tell_idle(self) -> None:
+        idle = self.idle()
+        if idle is not self._was_idle:
+            self._was_idle = idle
+            for listener in self.idle_listeners:
+                listener(idle)
 
     async def _run_job(self, job: _Job) -> None:
         try:

@@ -128,6 +128,9 @@ class MdbDevice(abc.ABC):
     ) -> None:
         self.master = master
         self.poll_interval_s = poll_interval_s
+        #: A longer interval for the autopolled POLLs while the machine has nobody at it
+        #: (``set_quiet_poll_interval``); None: the device's own interval always.
+        self._quiet_poll_interval_s: float | None = None
         self._on_event = on_event
         self._clock = clock
         self.state = DeviceState.OFFLINE
@@ -183,6 +186,22 @@ class MdbDevice(abc.ABC):
     def nudge(self) -> None:
         """Something ``turn_in_s`` looks at may have changed: have the supervisor look."""
         self._nudged.set()
+
+    def set_quiet_poll_interval(self, interval_s: float | None) -> None:
+        """Autopoll every ``interval_s`` (when longer than the device's own interval) while
+        its owner says nothing is going on, or at the device's own interval again (None).
+
+        Only the line's idle POLLs slow down: while the device drives its own POLLs (after any
+        activity, ``needs_every_poll``) it keeps its own interval. An armed POLL is re-armed
+        at the new interval at once (docs/autopoll.md)."""
+        if interval_s != self._quiet_poll_interval_s:
+            self._quiet_poll_interval_s = interval_s
+            self.nudge()
+
+    def autopoll_interval_s(self) -> float:
+        """The interval the line's idle POLLs of this device go at now."""
+        quiet = self._quiet_poll_interval_s
+        return self.poll_interval_s if quiet is None else max(self.poll_interval_s, quiet)
 
     # --- shared mechanics ----------------------------------------------------------------
 
@@ -339,9 +358,10 @@ class MdbDevice(abc.ABC):
         ACK, or for a turn due without one (then disarm, and take a result that came
         meanwhile). The line suspends the POLL after each result it sends up."""
         addr_cmd = self.ADDRESS | self.POLL_CMD
-        await bus.autopoll(addr_cmd, self.poll_interval_s, self.POLL_REPLY)
+        every_s = self.autopoll_interval_s()
+        await bus.autopoll(addr_cmd, every_s, self.POLL_REPLY)
         try:
-            polled = await self._wait_polled_or_turn(bus)
+            polled = await self._wait_polled_or_turn(bus, every_s)
         except BaseException:
             # Cancelled (the daemon stops): hand the POLLs back so none is ACKed unheard.
             with contextlib.suppress(MdbError):
@@ -354,9 +374,11 @@ class MdbDevice(abc.ABC):
                 return None
         return await self._polled_reply(polled)
 
-    async def _wait_polled_or_turn(self, bus: AutopollBus) -> Polled | None:
+    async def _wait_polled_or_turn(self, bus: AutopollBus, armed_every_s: float) -> Polled | None:
         while True:
             self._nudged.clear()
+            if self.autopoll_interval_s() != armed_every_s:
+                return None  # a turn to arm the POLL again at its new interval
             turn_in_s = self.turn_in_s()
             if turn_in_s is not None and turn_in_s <= 0:
                 return None
