@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -238,6 +239,23 @@ class ExternalSims:
                 proc.wait()
 
 
+class Selection:
+    """A selection in progress (``Daemon.select_until_vending``): its answer once it ends."""
+
+    def __init__(self) -> None:
+        self.answers: list[dict[str, Any]] = []
+        self.errors: list[BaseException] = []
+        self.thread: threading.Thread | None = None
+
+    def answer(self, timeout_s: float = 15.0) -> dict[str, Any]:
+        """The selection's one answer (it must have come within ``timeout_s``)."""
+        assert self.thread is not None
+        self.thread.join(timeout_s)
+        assert not self.errors, self.errors
+        assert len(self.answers) == 1, self.answers
+        return self.answers[0]
+
+
 class Daemon:
     """``vmc run`` as a subprocess, with helpers to drive it and its simulators."""
 
@@ -311,6 +329,22 @@ class Daemon:
 
     def control(self, request: dict[str, Any]) -> dict[str, Any]:
         return call(self.control_socket, request)
+
+    def select_until_vending(self, slot: str) -> Selection:
+        """A customer's selection of ``slot``, sent from a thread of its own (the answer comes
+        only when the vend is over); returns once the vend is under way."""
+        selection = Selection()
+
+        def select() -> None:
+            try:
+                selection.answers.append(self.control({"op": "select", "slot": slot}))
+            except BaseException as exc:  # the test reads it
+                selection.errors.append(exc)
+
+        selection.thread = threading.Thread(target=select, name=f"select-{slot}")
+        selection.thread.start()
+        self.wait_state(lambda s: s["phase"] == "vending", "the vend under way")
+        return selection
 
     def mdb_sim(self, device: str, cmd: str, **args: Any) -> Any:
         answer = call(self.mdb_control, {"device": device, "cmd": cmd, **args})

@@ -395,3 +395,42 @@ def test_a_coin_reported_during_a_vend_is_journaled_before_the_change_is_paid(
     ]
     kinds = [(r["type"], r["data"].get("amount")) for r in records]
     assert kinds == [("cash_in", 100), ("cash_in", 50), ("cash_in", 50), ("payout_intent", 50)]
+
+
+#: After the vend started: its RUN is out, its 2.5 s turn far from over.
+RUN_UNDER_WAY_S = 1.0
+
+
+def test_a_motor_board_lost_mid_turn_counts_the_vend_as_interrupted(tmp_path: Path) -> None:
+    """The board stops answering after the RUN: the product may have fallen. The vend is
+    journaled as interrupted (not as certainly failed), the customer keeps the credit, and the
+    machine stops selling until the board answers again."""
+    sims = ExternalSims(tmp_path / "sims", motor_args=("--turn-time", "2.5"))
+    try:
+        state = tmp_path / "state"
+        config = write_config(
+            tmp_path / "vmc.toml", state, mdb_port=sims.mdb_port, motor_port=sims.motor_port
+        )
+        d = Daemon(config, state, sims)
+        with d.running():
+            d.insert_coins(COIN_100)
+            d.wait_state(lambda s: s["credit"] == 100, "credit")
+            selection = d.select_until_vending("A1")
+            # The RUN follows within milliseconds (one drop sensor read); the turn takes 2.5 s.
+            # The simulator tells no "running" to wait for, so: into the middle of the turn.
+            time.sleep(RUN_UNDER_WAY_S)
+            d.motor_sim("fault", unplugged=True)
+            answer = selection.answer()
+            assert answer["ok"] is False and answer["error"] == "vend_failed", answer
+            failed = records_of(state, "vend_failed")
+            assert [(f["data"]["slot"], f["data"]["reason"]) for f in failed] == [
+                ("A1", "interrupted")
+            ]
+            assert "motor board" in failed[0]["data"]["detail"]
+            assert not records_of(state, "sale")
+            state_now = d.state()["state"]
+            assert state_now["credit"] == 100
+            assert "motor" in state_now["faults"]
+            d.motor_sim("fault", unplugged=False)
+    finally:
+        sims.stop()

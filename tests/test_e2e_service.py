@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,26 +149,12 @@ def test_sigterm_during_a_vend_answers_the_select_and_logs_no_traceback(tmp_path
         d.start()
         d.insert_coins(COIN_100)
         d.wait_state(lambda s: s["credit"] == 100, "credit")
-        answers: list[dict[str, Any]] = []
-        errors: list[BaseException] = []
-
-        def select() -> None:
-            try:
-                answers.append(d.control({"op": "select", "slot": "A1"}))
-            except BaseException as exc:
-                errors.append(exc)
-
-        customer = threading.Thread(target=select)
-        customer.start()
-        d.wait_state(lambda s: s["phase"] == "vending", "the vend under way")
+        selection = d.select_until_vending("A1")
         code, elapsed = d.stop(signal.SIGTERM)
-        customer.join(10)
+        answer = selection.answer(10)
 
         assert code == 0
         assert elapsed < STOP_PROMISE_S, f"took {elapsed:.2f} s to stop"
-        assert not errors, errors
-        assert len(answers) == 1
-        answer = answers[0]
         # The motor turn takes longer than the stop budget: the vend cannot finish.
         assert answer["ok"] is False and answer["error"] == "closing", answer
         assert answer["message"]
@@ -194,16 +179,11 @@ def test_sigterm_during_a_short_vend_answers_with_the_result(tmp_path: Path) -> 
         d.start()
         d.insert_coins(COIN_100)
         d.wait_state(lambda s: s["credit"] == 100, "credit")
-        answers: list[dict[str, Any]] = []
-        customer = threading.Thread(
-            target=lambda: answers.append(d.control({"op": "select", "slot": "A1"}))
-        )
-        customer.start()
-        d.wait_state(lambda s: s["phase"] == "vending", "the vend under way")
+        selection = d.select_until_vending("A1")
         code, elapsed = d.stop(signal.SIGTERM)
-        customer.join(10)
+        answer = selection.answer(10)
         assert code == 0 and elapsed < STOP_PROMISE_S
-        assert answers == [{"ok": True, "slot": "A1", "price": 100, "change": 0, "credit": 0}]
+        assert answer == {"ok": True, "slot": "A1", "price": 100, "change": 0, "credit": 0}
         assert [r["type"] for r in journal_records(d.state_dir) if r["type"] == "sale"] == ["sale"]
         assert_no_traceback(d)
     finally:

@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import statistics
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -335,6 +336,64 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(SchemaTooNew, match="0099_from_the_future"):
         await Journal.open(tmp_path)
+
+
+def test_an_up_to_date_journal_opens_without_importing_sqlite_utils(tmp_path: Path) -> None:
+    """sqlite-utils (with click, pluggy, dateutil) is for creating and migrating the database
+    only: an ordinary start does not pay for its import (bench/footprint.py)."""
+
+    async def create() -> None:
+        journal = await Journal.open(tmp_path)
+        await journal.close()
+
+    asyncio.run(create())
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from vmc.journal import Journal
+
+        async def main():
+            journal = await Journal.open({str(tmp_path)!r})
+            await journal.append("door", {{"open": True}})
+            await journal.close()
+
+        asyncio.run(main())
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "sqlite_utils"))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    conn = sqlite3.connect(database_path(tmp_path))
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATION_NAMES)
+        assert conn.execute("SELECT COUNT(*) FROM records WHERE type = 'door'").fetchone()[0] == 1
+    finally:
+        conn.close()
+
+
+async def test_a_journal_missing_its_last_migration_gets_it_when_opened(tmp_path: Path) -> None:
+    """A database of an older vmc (the last migration not recorded) is migrated through
+    sqlite-utils as before; only the up-to-date one skips it."""
+    journal = await Journal.open(tmp_path)
+    await journal.append("device", {"device": "coin", "state": "fault", "detail": "jam"})
+    await journal.close()
+    conn = sqlite3.connect(database_path(tmp_path))
+    last = MIGRATION_NAMES[-1]
+    conn.execute("DELETE FROM _sqlite_migrations WHERE name = ?", (last,))
+    conn.execute(f"PRAGMA user_version = {len(MIGRATION_NAMES) - 1}")
+    conn.commit()
+    conn.close()
+    journal = await Journal.open(tmp_path)
+    await journal.close()
+    conn = sqlite3.connect(database_path(tmp_path))
+    try:
+        names = [n for (n,) in conn.execute("SELECT name FROM _sqlite_migrations ORDER BY rowid")]
+        assert names == list(MIGRATION_NAMES)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATION_NAMES)
+    finally:
+        conn.close()
 
 
 async def test_the_event_loop_keeps_ticking_while_appending(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import time
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from drivers.errors import LinkClosed, LinkConfigError, NoResponse
+from drivers.mdb import line_spawn
+from drivers.mdb.coin import CoinChanger
 from drivers.mdb.line_process import LineProcessMaster
 from drivers.mdb.master import Priority, Timing, set_realtime_priority
 from drivers.mdb.pcap import Direction, read_pcap
@@ -252,10 +255,6 @@ async def test_a_line_process_started_early_is_taken_over_once() -> None:
     """``vmc run`` starts the line process before the daemon's imports (drivers/mdb/line_spawn):
     the master with the same settings serves the bus through that very process; a master with
     other settings, or a second start, gets a process of its own, and the early one is stopped."""
-    import logging
-
-    from drivers.mdb import line_spawn
-
     sim = CoinChangerSim()
     bus = SimBus.on_pty([sim])
     bus.start()
@@ -288,3 +287,105 @@ async def test_a_line_process_started_early_is_taken_over_once() -> None:
             await m.close()
         line_spawn._kill_unclaimed()
         bus.stop()
+
+
+@contextlib.asynccontextmanager
+async def _started_early(
+    sim: CoinChangerSim, early: tuple[line_spawn.EarlyDevice, ...], capture: Path | None = None
+) -> AsyncIterator[tuple[LineProcessMaster, list[asyncio.Task[None]]]]:
+    """A line process started early (as ``vmc run`` does) with ``early``, taken over by a
+    master; device tasks the test adds to the list are stopped at the end."""
+    bus = SimBus.on_pty([sim])
+    bus.start()
+    timing = Timing(slack_s=0.03)
+    level = logging.getLogger("drivers.mdb").getEffectiveLevel()
+    pcap = str(capture or "")
+    settings = line_spawn.LineSettings("stream", bus.port, timing.slack_s, level, pcap)
+    master = LineProcessMaster("stream", bus.port, timing=timing, pcap=capture)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        line_spawn.prespawn(settings, early)
+        await master.open()
+        yield master, tasks
+    finally:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await master.close()
+        line_spawn._kill_unclaimed()
+        bus.stop()
+
+
+async def _changer_started(
+    master: LineProcessMaster, tasks: list[asyncio.Task[None]], caplog: pytest.LogCaptureFixture
+) -> None:
+    device = CoinChanger(master, poll_interval_s=0.05, on_event=lambda _e: None)
+    device.set_enabled(True)
+    with caplog.at_level(logging.INFO, logger="drivers.mdb.device"):
+        tasks.append(asyncio.create_task(device.run()))
+        await wait_until(lambda: device.accepting, "the changer started and enabled")
+
+
+async def test_a_line_process_started_early_resets_the_devices_and_polls_to_just_reset(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Started early with the devices to start (``vmc run``), the line process RESETs each
+    while the daemon imports and POLLs it at its interval; the JUST RESET that brings waits for
+    the device as an autopoll result, and the device's start-up goes on from there without a
+    second RESET. A device that did not ACK its RESET (absent here) is left to its own
+    start-up."""
+    sim = CoinChangerSim()
+    capture = tmp_path / "bus.pcap"
+    coin = line_spawn.EarlyDevice(0x08, 0x03, 0.05)
+    bill = line_spawn.EarlyDevice(0x30, 0x03, 0.05)  # no bill validator on this bus
+    async with _started_early(sim, (coin, bill), capture) as (master, tasks):
+        assert master.started_early and not master.early_bus_reset  # a pty carries no BREAK
+        assert not master.take_early_reset(0x30)  # it did not ACK: its own start-up RESETs it
+        # The changer's JUST RESET came to an early POLL and waits for the device.
+        await wait_until(lambda: master._polled_queue(0x08).qsize() == 1, "the JUST RESET")
+        assert sim.counters.resets == 1
+        await _changer_started(master, tasks, caplog)
+        assert "coin: JUST RESET after the line's early RESET" in caplog.messages
+        assert sim.counters.resets == 1
+        assert not master.take_early_reset(0x08)  # taken once, by the device's start-up
+    resets = [
+        packet[2]
+        for _ts, packet in read_pcap(capture)
+        if packet[1] == Direction.MASTER_TO_PERIPHERAL and len(packet) > 3 and packet[2] & 0x07 == 0
+    ]
+    # The line's early RESETs (the absent validator's three attempts), and no other.
+    assert resets == [0x08, 0x30, 0x30, 0x30], resets
+
+
+async def test_a_device_whose_early_polls_fail_is_started_up_from_its_own_reset(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The early RESET was ACKed, but the POLLs after it go unanswered: the device's
+    start-up does not take that for a start, and RESETs the device itself."""
+    sim = CoinChangerSim()
+    early_poll_s = 0.5  # long enough to set the fault between the RESET and the first POLL
+    async with _started_early(sim, (line_spawn.EarlyDevice(0x08, 0x03, early_poll_s),)) as (
+        master,
+        tasks,
+    ):
+        assert sim.counters.resets == 1
+        with sim.lock:
+            sim.faults.drop_replies = 3  # every attempt of the first early POLL
+        await _changer_started(master, tasks, caplog)
+        assert "coin: no JUST RESET after the line's early RESET; resetting it" in caplog.messages
+        assert sim.counters.resets == 2
+
+
+def test_the_early_start_table_names_each_device_as_its_class_does() -> None:
+    """``vmc run`` builds the early start before the device classes are imported, from
+    line_spawn's light table; it must say what the classes say."""
+    from drivers.mdb.bill import BillValidator
+    from drivers.mdb.cashless import CashlessReader
+
+    classes = {"coin": CoinChanger, "bill": BillValidator, "cashless": CashlessReader}
+    assert set(line_spawn.DEVICE_ADDRESSES) == set(classes) == set(line_spawn.POLL_COMMANDS)
+    for name, cls in classes.items():
+        assert line_spawn.DEVICE_ADDRESSES[name] == cls.ADDRESS, name
+        assert line_spawn.POLL_COMMANDS[name] == cls.POLL_CMD, name
+        assert cls.RESET_CMD == 0x00, name

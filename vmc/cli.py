@@ -100,12 +100,25 @@ def _prespawn_line(config: Config) -> None:
     port: a simulated machine's port exists only once the daemon has started its simulator."""
     import logging
 
-    from drivers.mdb.line_spawn import TRACE_LEVEL, LineSettings, prespawn
+    from drivers.mdb.line_spawn import (
+        DEVICE_ADDRESSES,
+        POLL_COMMANDS,
+        TRACE_LEVEL,
+        EarlyDevice,
+        LineSettings,
+        prespawn,
+    )
 
     mdb = config.mdb
-    devices = (mdb.coin, mdb.bill, mdb.cashless)
-    if mdb.simulate or not mdb.port or not any(dev.enabled for dev in devices):
+    devices = {"coin": mdb.coin, "bill": mdb.bill, "cashless": mdb.cashless}
+    if mdb.simulate or not mdb.port or not any(dev.enabled for dev in devices.values()):
         return
+    # The line process also starts the devices up as far as their JUST RESET meanwhile.
+    early = tuple(
+        EarlyDevice(DEVICE_ADDRESSES[name], POLL_COMMANDS[name], dev.poll_interval_ms / 1000.0)
+        for name, dev in devices.items()
+        if dev.enabled
+    )
     level = logging.getLogger("drivers.mdb").getEffectiveLevel()
     prespawn(
         LineSettings(
@@ -115,7 +128,8 @@ def _prespawn_line(config: Config) -> None:
             log_level=TRACE_LEVEL if mdb.trace else level,
             pcap=str(mdb.pcap or ""),
             realtime_priority=mdb.realtime_priority,
-        )
+        ),
+        early,
     )
 
 

@@ -148,6 +148,7 @@ class Daemon:
         self._mdb_link_log = FailureLog(log)
         self._last_device_event = 0.0
         self._shut_down = False
+        self._winding_down = False
         #: The cloud side (link, sync, telemetry, commands, QR) while ``[cloud] enabled``.
         self.cloud: CloudWiring | None = None
         self._started_mono = 0.0
@@ -225,8 +226,15 @@ class Daemon:
                 hint="grant LimitRTPRIO (systemd/vmc.service) or set mdb.realtime_priority = 0",
             )
         # MDB bus reset (BREAK) where the link can carry one; on simulated links each device is
-        # reset with its own RESET command by its start-up sequence anyway.
-        if await self.master.bus_reset():
+        # reset with its own RESET command by its start-up sequence anyway. A line process
+        # started before the daemon's imports has done it, and RESET the devices (`vmc run`,
+        # drivers/mdb/line_spawn.py): another BREAK would undo that.
+        if self.master.started_early:
+            log.info(
+                "mdb devices started early by the line process",
+                bus_reset=self.master.early_bus_reset,
+            )
+        elif await self.master.bus_reset():
             log.info("mdb bus reset sent")
         log.info(
             "mdb bus master started",
@@ -423,7 +431,8 @@ class Daemon:
         """Nobody at the machine: the devices' idle POLLs slow to ``mdb.idle_poll_interval_ms``;
         anyone at it: back to each device's own interval."""
         interval_ms = self.config.mdb.idle_poll_interval_ms
-        quiet_s = interval_ms / 1000.0 if idle and interval_ms > 0 else None
+        slow = idle and interval_ms > 0 and not self._winding_down
+        quiet_s = interval_ms / 1000.0 if slow else None
         for device in self.devices.values():
             device.set_quiet_poll_interval(quiet_s)
 
@@ -653,6 +662,9 @@ class Daemon:
         if self.machine is not None:
             # The machine wants no money any more: nothing enables an acceptor again.
             self.machine.set_fault(STOPPING_FAULT, "the daemon is stopping")
+        self._winding_down = True
+        # What the devices still hold (a coin inserted just now) comes at their own cadence.
+        self._quiet_polls_while_idle(False)
         if not self.devices and self.machine is None:
             return
         started = asyncio.get_running_loop().time()
@@ -702,7 +714,7 @@ class Daemon:
         and the machine has handled everything queued before (a job through its queue)."""
         loop = asyncio.get_running_loop()
         quiet_s = QUIET_POLLS * max(
-            (device.poll_interval_s for device in self.devices.values()), default=0.0
+            (device.autopoll_interval_s() for device in self.devices.values()), default=0.0
         )
         quiet_from = loop.time()
         while True:

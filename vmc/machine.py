@@ -33,12 +33,13 @@ from drivers.errors import MdbError, MotorError
 from drivers.mdb.bill import BillInEscrow, BillReturned, BillStacked
 from drivers.mdb.coin import CoinDeposited, CoinRoute, CoinsDispensedManually, ReturnLeverPressed
 from drivers.mdb.device import DeviceEvent, DeviceInfo, DeviceState, StateChanged
-from drivers.motor.base import MotorBoard, MotorOutcome
+from drivers.motor.base import MotorBoard, MotorOutcome, TurnOutcomeUnknown
 from vmc import planogram
 from vmc.cash import BillPort, ChangerPort
 from vmc.config import Config
 from vmc.journal import Journal, JournalError, Source
 from vmc.journal.recovery import (
+    VEND_INTERRUPTED,
     DeviceFacts,
     customer_credit,
     expire_open_orders,
@@ -437,6 +438,11 @@ class VendMachine:
                 dropped, reason = await self._dispense_product(slot)
                 if dropped:
                     return await self._settle(slot, payment, about)
+                if isinstance(reason, TurnOutcomeUnknown):
+                    # The product may have fallen: journaled as interrupted, as a vend a crash
+                    # cut short, never as one that certainly failed.
+                    detail = f"motor board: {reason.cause}"
+                    return await self._refund(slot, payment, about, VEND_INTERRUPTED, detail=detail)
                 return await self._refund(slot, payment, about, reason)
             finally:
                 # Also when a step failed (journal, bug) or the daemon is stopping: the machine
@@ -457,18 +463,27 @@ class VendMachine:
         return {"ok": True, "slot": slot.id, "price": price, **answer}
 
     async def _refund(
-        self, slot: Slot, payment: Payment, about: dict[str, Any], reason: str
+        self,
+        slot: Slot,
+        payment: Payment,
+        about: dict[str, Any],
+        reason: str,
+        *,
+        detail: str = "",
     ) -> dict[str, Any]:
-        log.warning("vend failed", slot=slot.id, reason=reason)
-        records = [("vend_failed", {**about, "reason": reason})]
-        records += payment.refund_records(about["intent_id"], reason)
+        log.warning("vend failed", slot=slot.id, reason=reason, detail=detail)
+        failed = {**about, "reason": reason, **({"detail": detail} if detail else {})}
+        records: list[tuple[str, dict[str, Any]]] = [("vend_failed", failed)]
+        refund_reason = f"vend {reason}: {detail}" if detail else reason
+        records += payment.refund_records(about["intent_id"], refund_reason)
         await self.journal.append_many(records, source=payment.source)
         answer = await payment.refund(reason)
         self.publish("vend_failed", slot=slot.id, reason=reason, credit=self.credit)
         return {"ok": False, "error": "vend_failed", "message": reason, **answer}
 
-    async def _dispense_product(self, slot: Slot) -> tuple[bool, str]:
-        """One turn, the drop sensor, one more turn if nothing dropped. (dropped, reason)."""
+    async def _dispense_product(self, slot: Slot) -> tuple[bool, str | TurnOutcomeUnknown]:
+        """One turn, the drop sensor, one more turn if nothing dropped. (dropped, why not):
+        why as a reason, or the board's failure when the product may have fallen."""
         assert self.motor is not None
         motor_cfg = self.config.motor
         for turn in (1, 2):
@@ -479,6 +494,9 @@ class VendMachine:
                     turn_timeout_s=motor_cfg.turn_timeout_s,
                     drop_timeout_s=motor_cfg.drop_timeout_s,
                 )
+            except TurnOutcomeUnknown as exc:
+                self.set_fault("motor", f"motor board: {exc.cause}")
+                return False, exc
             except MotorError as exc:
                 self.set_fault("motor", f"motor board: {exc}")
                 return False, f"motor board: {exc}"

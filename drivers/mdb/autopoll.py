@@ -63,6 +63,10 @@ class AutopollBus(Protocol):
     def take_polled(self, address: int) -> Polled | None:
         """A result already received and not yet taken, without waiting."""
 
+    def take_early_reset(self, address: int) -> bool:
+        """True, once, when the line RESET the device at ``address`` before the daemon was up
+        and armed its POLL (drivers/mdb/line_spawn.py ``EarlyDevice``)."""
+
 
 @dataclass(slots=True)
 class _Armed:

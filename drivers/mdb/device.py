@@ -298,7 +298,16 @@ class MdbDevice(abc.ABC):
         return StateChanged(self.NAME, self.state, detail, info)
 
     async def start_up(self) -> None:
-        """RESET, POLL until JUST RESET, then the device's own initialisation and enable."""
+        """RESET, POLL until JUST RESET, then the device's own initialisation and enable. The
+        line may have done the first half before the daemon was up (``_started_early``)."""
+        if not await self._started_early():
+            await self._reset_until_just_reset()
+        await self.initialise()
+        self._enabled_applied = None
+        await self._apply_wanted_enable()
+        self._set_state(DeviceState.READY)
+
+    async def _reset_until_just_reset(self) -> None:
         await self.request(self.RESET_CMD, priority=Priority.RESET, expect=ACK_ONLY)
         # Announced once the device answers: an absent device stays OFFLINE while it is
         # retried, instead of flapping OFFLINE -> STARTING -> OFFLINE every retry.
@@ -308,16 +317,40 @@ class MdbDevice(abc.ABC):
         while True:
             reply = await self.poll_request()
             if reply.data and any(isinstance(e, JustReset) for e in self.parse_poll(reply.data)):
-                break
+                return
             if self._clock() > deadline:
                 # Some peripherals do not report JUST RESET to a RESET command; go on.
                 log.warning("%s: no JUST RESET after RESET; continuing start-up", self.NAME)
-                break
+                return
             await asyncio.sleep(self.poll_interval_s)
-        await self.initialise()
-        self._enabled_applied = None
-        await self._apply_wanted_enable()
-        self._set_state(DeviceState.READY)
+
+    async def _started_early(self) -> bool:
+        """True when the line process RESET this device before the daemon was up and the
+        POLLs it has sent since brought JUST RESET (drivers/mdb/line_spawn.py): start-up goes
+        on from there. Anything else (no JUST RESET in time, an error, another answer) and the
+        device is started up from its own RESET, as always."""
+        bus = self._autopoll_bus
+        if bus is None or not bus.take_early_reset(self.ADDRESS):
+            return False
+        self._set_state(DeviceState.STARTING)
+        polled: Polled | None = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(JUST_RESET_WAIT_S):
+                polled = await bus.next_polled(self.ADDRESS)
+        if polled is None:
+            await bus.autopoll(self.ADDRESS | self.POLL_CMD, None)
+            polled = bus.take_polled(self.ADDRESS)
+        result = polled.result if polled is not None else None
+        if (
+            isinstance(result, Reply)
+            and result.data
+            and any(isinstance(e, JustReset) for e in self.parse_poll(result.data))
+        ):
+            self._last_answer = self._clock()
+            log.info("%s: JUST RESET after the line's early RESET", self.NAME)
+            return True
+        log.info("%s: no JUST RESET after the line's early RESET; resetting it", self.NAME)
+        return False
 
     async def stop_accepting_now(self) -> None:
         """Switch accepting off on the wire now, not at the supervisor's next turn, and return

@@ -25,9 +25,13 @@ from typing import Any
 
 from drivers.errors import DriverError, LinkClosed, MdbError
 from drivers.mdb.autopoll import ARM_OP, POLLED_OP, AutopollSchedule, Polled
-from drivers.mdb.commands import ACK_OR_DATA, ReplyShape
+from drivers.mdb.commands import ACK_ONLY, ACK_OR_DATA, ReplyShape
+from drivers.mdb.line_spawn import EarlyDevice
 from drivers.mdb.link import open_link
 from drivers.mdb.master import (
+    BUS_RESET_BREAK_S,
+    BUS_RESET_QUIET_S,
+    DEFAULT_MAX_ATTEMPTS,
     SCHED_NORMAL,
     BusMaster,
     BusStats,
@@ -120,8 +124,10 @@ def serve(
     timing: Timing,
     pcap: str,
     scheduling: str = SCHED_NORMAL,
+    early: tuple[EarlyDevice, ...] = (),
 ) -> int:
-    """The child's body: open the link, then answer requests until "stop" or EOF."""
+    """The child's body: open the link, start the ``early`` devices up, then answer requests
+    until "stop" or EOF."""
     write_lock = threading.Lock()
 
     def send(obj: dict[str, Any]) -> None:
@@ -155,8 +161,9 @@ def serve(
             jobs.put((-1, next(order), {"op": "stop"}))
 
     threading.Thread(target=read_requests, name="mdb-line-requests", daemon=True).start()
-    send({"op": "ready", "sched": scheduling})
     autopolls = AutopollSchedule()
+    started = start_early(engine, early, autopolls)
+    send({"op": "ready", "sched": scheduling, "early": started})
     try:
         while True:
             # The parent's requests first; an armed POLL only when none waits (lowest priority).
@@ -214,6 +221,33 @@ def serve(
             engine.pcap.close()
 
 
+def start_early(
+    engine: BusMaster, devices: tuple[EarlyDevice, ...], autopolls: AutopollSchedule
+) -> dict[str, Any]:
+    """Start ``devices`` up as far as their JUST RESET while the daemon imports
+    (drivers/mdb/line_spawn.py): the bus reset (BREAK, then MDB 4.2's quiet time) where the
+    link carries one, each device's RESET, then its POLL armed at its interval. Its first
+    answer that is not a bare ACK (JUST RESET) waits for the daemon as an autopoll result.
+    Returns what the daemon goes on from: whether the BREAK went out, and the addresses whose
+    RESET was ACKed. A device that did not ACK is left to the daemon's own start-up."""
+    if not devices:
+        return {}
+    bus_reset = engine.bus_reset_blocking(BUS_RESET_BREAK_S)
+    if bus_reset:
+        time.sleep(BUS_RESET_QUIET_S)
+    reset: list[int] = []
+    for device in devices:
+        try:
+            engine.exchange_blocking(device.address, b"", DEFAULT_MAX_ATTEMPTS, ACK_ONLY)
+        except MdbError:
+            continue
+        reset.append(device.address)
+        autopolls.arm(
+            device.address | device.poll_cmd, ACK_OR_DATA, device.every_s, time.monotonic()
+        )
+    return {"bus_reset": bus_reset, "reset": reset}
+
+
 def serve_arm(
     frame: dict[str, Any], autopolls: AutopollSchedule, send: Callable[[dict[str, Any]], None]
 ) -> None:
@@ -255,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pcap", default="")
     parser.add_argument("--log-level", type=int, default=logging.INFO)
     parser.add_argument("--realtime-priority", type=int)
+    parser.add_argument(
+        "--early",
+        action="append",
+        default=[],
+        type=EarlyDevice.from_arg,
+        help="ADDRESS:POLL_CMD:EVERY_S of a device to RESET and POLL before the daemon is up",
+    )
     args = parser.parse_args(argv)
     # The parent decides when the line stops ("stop", or EOF when it dies). A Ctrl-C in the
     # terminal or systemd's SIGTERM to the whole unit must not cut the line under the parent's
@@ -268,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.realtime_priority:
         scheduling = set_realtime_priority(args.realtime_priority)
     sock = socket.socket(fileno=args.fd)
-    return serve(sock, args.kind, args.port, Timing(slack_s=args.slack_s), args.pcap, scheduling)
+    timing = Timing(slack_s=args.slack_s)
+    return serve(sock, args.kind, args.port, timing, args.pcap, scheduling, tuple(args.early))
 
 
 if __name__ == "__main__":

@@ -23,14 +23,15 @@ without bus traffic: the daemon's watchdog, vmc/service.py), ``{"op": "stop"}``,
 ``{"op": "autopoll", "ac", "d": "", "ex", "every_s"}``: arm a device's POLL in the line process
 at that interval, or with ``"every_s": null`` and an ``id`` disarm it (answered ``{"id", "ok":
 true}``); see drivers/mdb/autopoll.py.
-Child → parent: ``{"op": "ready", "sched"}`` (``sched``: how the line is scheduled) or
-``{"op": "fatal", "msg"}`` once at start; then per request ``{"id", "ok": true, "ac", "d",
-"att", "rns", "ans", "stats"}`` or ``{"id", "ok": false, "err", "msg", "addr", "att", "stats"}``;
-for a break ``{"id", "ok": true, "sent"}``; and at any time ``{"op": "log", "lvl", "name",
-"msg"}``: a log record of the child, which the parent logs as its own (one log output, in the
-daemon's format, TRACE lines included); and ``{"op": "polled", "ac", "ok", ...,
-"last_answer_ns"}``: an autopoll POLL's data reply or error, with the fields of a request's
-answer, unsolicited.
+Child → parent: ``{"op": "ready", "sched", "early"}`` (``sched``: how the line is scheduled;
+``early``: ``{"bus_reset": bool, "reset": [address, ...]}`` when the child was started with
+devices to start early, drivers/mdb/line_spawn.py) or ``{"op": "fatal", "msg"}`` once at start;
+then per request ``{"id", "ok": true, "ac", "d", "att", "rns", "ans", "stats"}`` or ``{"id",
+"ok": false, "err", "msg", "addr", "att", "stats"}``; for a break ``{"id", "ok": true,
+"sent"}``; and at any time ``{"op": "log", "lvl", "name", "msg"}``: a log record of the child,
+which the parent logs as its own (one log output, in the daemon's format, TRACE lines included);
+and ``{"op": "polled", "ac", "ok", ..., "last_answer_ns"}``: an autopoll POLL's data reply or
+error, with the fields of a request's answer, unsolicited.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from drivers.mdb.commands import ACK_OR_DATA, ReplyShape
 from drivers.mdb.line_child import FRAME_HEADER, encode_frame
 from drivers.mdb.line_spawn import TRACE_LEVEL, LineSettings, take_prespawned
 from drivers.mdb.master import (
+    BUS_RESET_BREAK_S,
     BUS_RESET_QUIET_S,
     DEFAULT_MAX_ATTEMPTS,
     REQUEST_DEADLINE_S,
@@ -181,6 +183,9 @@ class LineProcessMaster(MdbBus):
         #: Autopoll results per device address, and the addresses armed in the child now.
         self._polled: dict[int, asyncio.Queue[Polled]] = {}
         self._armed: set[int] = set()
+        #: Started before this master took the child over: the bus reset, the devices RESET.
+        self.early_bus_reset = False
+        self._early_reset: set[int] = set()
         #: Frames received from the line process, every child counted (an idle autopolled bus
         #: sends none).
         self.frames_received = 0
@@ -258,6 +263,7 @@ class LineProcessMaster(MdbBus):
                     continue
                 if op == "ready":
                     self.scheduling = str(frame.get("sched", SCHED_NORMAL))
+                    self._note_early_start(frame.get("early") or {})
                     if self._ready is not None and not self._ready.done():
                         self._ready.set_result(None)
                     continue
@@ -282,6 +288,27 @@ class LineProcessMaster(MdbBus):
             self._gone = error
             self._fail_all(error)
             self._on_child_gone(error)
+
+    def _note_early_start(self, started: dict[str, Any]) -> None:
+        """What the child did before this master took it over (``line_spawn.EarlyDevice``)."""
+        self.early_bus_reset = bool(started.get("bus_reset"))
+        self._early_reset = {int(address) for address in started.get("reset", ())}
+        self._armed |= self._early_reset  # their POLLs are armed in the child
+
+    @property
+    def started_early(self) -> bool:
+        """The child reset the bus or a device before this master took it over: the daemon
+        must not reset the bus again."""
+        return self.early_bus_reset or bool(self._early_reset)
+
+    def take_early_reset(self, address: int) -> bool:
+        """Whether the child RESET the device at ``address`` before the daemon was up (its
+        POLL is then armed, and its JUST RESET comes as an autopoll result). Once: a later
+        start-up of the device sends its own RESET."""
+        if address in self._early_reset:
+            self._early_reset.discard(address)
+            return True
+        return False
 
     def _on_polled(self, frame: dict[str, Any]) -> None:
         self.stats = BusStats(*frame["stats"])
@@ -427,7 +454,7 @@ class LineProcessMaster(MdbBus):
             return None
         return queue.get_nowait()
 
-    async def bus_reset(self, duration_s: float = 0.1) -> bool:
+    async def bus_reset(self, duration_s: float = BUS_RESET_BREAK_S) -> bool:
         answer = await self._call({"op": "break", "pri": 0, "dur": duration_s}, 2.0)
         sent = bool(answer.get("sent"))
         if sent:

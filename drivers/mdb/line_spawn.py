@@ -7,6 +7,12 @@ its configuration) calls :func:`prespawn`; the ``LineProcessMaster`` that later 
 with the same settings takes that one over (:func:`take_prespawned`) instead of starting
 another, so the two starts overlap. One that is never taken is killed at exit.
 
+An early child can also start the devices' start-up while the daemon imports (``EarlyStart``):
+the bus reset where the link carries one, each device's RESET, then its POLLs at its interval
+until it answers with something (JUST RESET), which waits for the daemon as an autopoll result
+(drivers/mdb/autopoll.py). The daemon's device then goes on from there
+(``MdbDevice.start_up``) instead of sending its own RESET.
+
 This module imports nothing heavy: it runs before the daemon's imports.
 """
 
@@ -59,25 +65,53 @@ class LineSettings:
         return argv
 
 
+@dataclass(frozen=True)
+class EarlyDevice:
+    """One device to RESET and POLL before the daemon is up."""
+
+    address: int  # the device's MDB address; RESET is command 0 (MDB 4.2, every device)
+    poll_cmd: int  # its POLL command (0x03, or 0x02 for a cashless reader)
+    every_s: float  # its POLL interval
+
+    def as_arg(self) -> str:
+        return f"{self.address}:{self.poll_cmd}:{self.every_s}"
+
+    @classmethod
+    def from_arg(cls, text: str) -> EarlyDevice:
+        address, poll_cmd, every_s = text.split(":")
+        return cls(int(address), int(poll_cmd), float(every_s))
+
+
+#: The POLL command of each device the daemon drives (MDB 4.2: the cashless reader's is 0x12).
+POLL_COMMANDS = {"coin": 0x03, "bill": 0x03, "cashless": 0x02}
+#: Their addresses (mdb.md "Wire"), as the device classes name them.
+DEVICE_ADDRESSES = {"coin": 0x08, "bill": 0x30, "cashless": 0x10}
+
+
 @dataclass
 class Prespawned:
     settings: LineSettings
     process: subprocess.Popen[bytes]
     parent_sock: socket.socket
+    early: tuple[EarlyDevice, ...] = ()
 
 
 _waiting: Prespawned | None = None
 
 
-def prespawn(settings: LineSettings) -> None:
-    """Start the line process now; the first master asking for ``settings`` takes it over."""
+def prespawn(settings: LineSettings, early: tuple[EarlyDevice, ...] = ()) -> None:
+    """Start the line process now; the first master asking for ``settings`` takes it over.
+    ``early``: the devices it starts up as far as their JUST RESET meanwhile."""
     global _waiting
     if _waiting is not None:
         return
     parent_sock, child_sock = socket.socketpair()
+    argv = settings.argv(child_sock.fileno())
+    for device in early:
+        argv += ["--early", device.as_arg()]
     try:
         process = subprocess.Popen(
-            settings.argv(child_sock.fileno()),
+            argv,
             pass_fds=(child_sock.fileno(),),
             stdin=subprocess.DEVNULL,
         )
@@ -86,7 +120,7 @@ def prespawn(settings: LineSettings) -> None:
         return  # the master starts its own child, and reports the error then
     finally:
         child_sock.close()
-    _waiting = Prespawned(settings, process, parent_sock)
+    _waiting = Prespawned(settings, process, parent_sock, early)
     atexit.register(_kill_unclaimed)
 
 

@@ -81,7 +81,9 @@ MAX_DRAIN_FACTOR = 8
 REQUEST_DEADLINE_S = 2.0
 #: How long the line thread waits on its queue before checking for a stop request.
 QUEUE_WAIT_S = 0.1
-#: MDB 4.2 §2.3: after a bus reset (BREAK), 200 ms before talking to peripherals.
+#: MDB 4.2 §2.3: a bus reset is a BREAK of at least 100 ms ...
+BUS_RESET_BREAK_S = 0.1
+#: ... and after it, 200 ms before talking to peripherals.
 BUS_RESET_QUIET_S = 0.2
 #: The interpreter's GIL switch interval while the bus runs (default 5 ms): a thread holding
 #: the GIL in pure Python gives it up within this, so the line thread can ACK in time.
@@ -195,7 +197,7 @@ class MdbBus(abc.ABC):
     ) -> Reply: ...
 
     @abc.abstractmethod
-    async def bus_reset(self, duration_s: float = 0.1) -> bool: ...
+    async def bus_reset(self, duration_s: float = BUS_RESET_BREAK_S) -> bool: ...
 
 
 class BusMaster(MdbBus):
@@ -294,7 +296,7 @@ class BusMaster(MdbBus):
             future.cancel()  # the line thread skips it if it has not started it
             raise
 
-    async def bus_reset(self, duration_s: float = 0.1) -> bool:
+    async def bus_reset(self, duration_s: float = BUS_RESET_BREAK_S) -> bool:
         """MDB bus reset (BREAK ≥ 100 ms, then 200 ms quiet). False on simulated links."""
         import asyncio  # see the TYPE_CHECKING import
 

@@ -7,6 +7,7 @@ from drivers.motor.base import (
     MotorProtocolError,
     SlotOutOfRange,
     TurnAborted,
+    TurnOutcomeUnknown,
     TurnResult,
 )
 from drivers.motor.vmc96 import Vmc96Board, Vmc96CommandRejected, Vmc96FramingError
@@ -18,6 +19,7 @@ __all__ = [
     "MotorProtocolError",
     "SlotOutOfRange",
     "TurnAborted",
+    "TurnOutcomeUnknown",
     "TurnResult",
     "Vmc96Board",
     "Vmc96CommandRejected",

@@ -68,6 +68,18 @@ class TurnAborted(MotorError):
         self.dropped = dropped
 
 
+class TurnOutcomeUnknown(MotorError):
+    """The board failed (no answer, a broken frame, the port gone) after a RUN it may have
+    carried out: whether the motor turned and the product fell is not known. A vend cycle must
+    count such a vend as interrupted, never as one that certainly failed."""
+
+    def __init__(self, row: int, col: int, cause: MotorError) -> None:
+        super().__init__(f"slot ({row}, {col}): turn outcome unknown: {cause}")
+        self.row = row
+        self.col = col
+        self.cause = cause
+
+
 class MotorBoard(abc.ABC):
     """A board that drives the spiral motors of one machine and reads its drop sensor.
 

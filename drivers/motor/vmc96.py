@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import serial_asyncio_fast
 
+from drivers.errors import MotorError
 from drivers.motor.base import (
     MotorBoard,
     MotorBoardOffline,
@@ -41,6 +42,7 @@ from drivers.motor.base import (
     MotorProtocolError,
     SlotOutOfRange,
     TurnAborted,
+    TurnOutcomeUnknown,
     TurnResult,
 )
 from drivers.recurring import FailureLog
@@ -781,6 +783,32 @@ class Vmc96Board(MotorBoard):
             if slot not in await self.scan():
                 return TurnResult(MotorOutcome.NO_MOTOR, False, "RUN rejected; scan: no motor")
             raise
+        except MotorError as exc:
+            # The RUN may have reached the board and its answer been lost.
+            raise TurnOutcomeUnknown(row, col, exc) from exc
+        try:
+            return await self._follow_turn(
+                row, col, generation, watch, started, turn_timeout_s, drop_timeout_s
+            )
+        except (TurnAborted, TurnOutcomeUnknown):
+            raise
+        except MotorError as exc:
+            raise TurnOutcomeUnknown(row, col, exc) from exc
+
+    async def _follow_turn(
+        self,
+        row: int,
+        col: int,
+        generation: int,
+        watch: DropWatch,
+        started: float,
+        turn_timeout_s: float,
+        drop_timeout_s: float,
+    ) -> TurnResult:
+        """After the RUN was ACKed: watch the motor until it stops (or jams, or times out),
+        then the drop sensor."""
+        loop = asyncio.get_running_loop()
+        slot = (row, col)
         acked = loop.time()
         deadline = started + turn_timeout_s
         seen_running = False

@@ -369,6 +369,8 @@ SCHEMAS: Final[dict[str, _Spec]] = {
         "price": (_money, True),
         "method": (_one_of(*METHODS), True),
         "reason": (_text, True),
+        # With reason "interrupted" when the board failed after RUN: what failed.
+        "detail": (_text, False),
         "order_id": (_ident, False),
         "session_id": (_ident, False),
     },

@@ -80,6 +80,11 @@ def stock_levels(levels: Mapping[str, int]) -> dict[str, int]:
     return stock
 
 
+#: ``vend_failed.reason`` of a vend whose outcome is not known (a crash, a motor board that
+#: stopped answering after RUN): the product may have fallen; the customer is refunded.
+VEND_INTERRUPTED = "interrupted"
+
+
 def _vend(intent: Record, currency: str | None) -> tuple[list[RecordSpec], str]:
     data = intent.data
     failed: dict[str, Any] = {
@@ -87,7 +92,7 @@ def _vend(intent: Record, currency: str | None) -> tuple[list[RecordSpec], str]:
         "slot": data["slot"],
         "price": data["price"],
         "method": data["method"],
-        "reason": "interrupted",
+        "reason": VEND_INTERRUPTED,
     }
     for key in ("order_id", "session_id"):
         if key in data:

@@ -94,23 +94,56 @@ _MIGRATION_STEPS: Final = (
 MIGRATION_NAMES: Final = tuple(name for name, _step in _MIGRATION_STEPS)
 
 
+#: sqlite-utils' record of the migrations applied, and the name of our set in it.
+MIGRATIONS_TABLE: Final = "_sqlite_migrations"
+MIGRATION_SET: Final = "vmc.journal"
+
+
 @functools.cache
 def _migrations() -> Migrations:
-    """The migration set. sqlite-utils (with click, pluggy, dateutil) is imported here, by the
-    journal's thread as it opens, not at the daemon's start-up: the MDB line starts meanwhile
-    (bench/footprint.py)."""
+    """The migration set. sqlite-utils (with click, pluggy, dateutil) is imported here, only
+    when a database is created or migrated: see ``apply_migrations``."""
     from sqlite_utils.migrations import Migrations
 
-    migrations = Migrations("vmc.journal")
+    migrations = Migrations(MIGRATION_SET)
     for name, step in _MIGRATION_STEPS:
         migrations(name=name)(step)
     return migrations
 
 
+def _applied_names(conn: sqlite3.Connection) -> list[str] | None:
+    """The names sqlite-utils recorded as applied, oldest first, read with plain SQL; None
+    when it never recorded any (a new database)."""
+    table = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (MIGRATIONS_TABLE,)
+    ).fetchone()
+    if table is None:
+        return None
+    rows = conn.execute(
+        f"SELECT name FROM {MIGRATIONS_TABLE} WHERE migration_set = ? ORDER BY rowid",
+        (MIGRATION_SET,),
+    )
+    return [name for (name,) in rows]
+
+
 def apply_migrations(conn: sqlite3.Connection) -> int:
     """Apply pending migrations; returns the schema version (number applied). Refuses a database
     that carries migrations this version does not know (opened by a newer vmc)."""
-    from sqlite_utils import Database  # here, not at start-up: see _migrations
+    if _applied_names(conn) == list(MIGRATION_NAMES):
+        # Up to date, as at nearly every start: sqlite-utils is not imported. Its import
+        # (~90 ms of CPU here) ran on the journal's thread while the daemon imported its own
+        # modules, and the two share one interpreter lock (bench/footprint.py, first POLL).
+        version = len(MIGRATION_NAMES)
+    else:
+        version = _migrate(conn)
+    # Written only on change: an up-to-date database on a read-only medium must still open.
+    if conn.execute("PRAGMA user_version").fetchone()[0] != version:
+        conn.execute(f"PRAGMA user_version = {version}")
+    return version
+
+
+def _migrate(conn: sqlite3.Connection) -> int:
+    from sqlite_utils import Database  # here, not at start-up: see apply_migrations
 
     migrations = _migrations()
     db = Database(conn, execute_plugins=False)
@@ -122,8 +155,4 @@ def apply_migrations(conn: sqlite3.Connection) -> int:
         )
     if migrations.pending(db):
         migrations.apply(db)
-    version = len(migrations.applied(db))
-    # Written only on change: an up-to-date database on a read-only medium must still open.
-    if conn.execute("PRAGMA user_version").fetchone()[0] != version:
-        conn.execute(f"PRAGMA user_version = {version}")
-    return version
+    return len(migrations.applied(db))
