@@ -348,3 +348,20 @@ def test_auto_format_is_console_on_a_terminal(tmp_path: Path) -> None:
 def test_log_levels_agree_with_the_config_schema() -> None:
     assert tuple(LEVELS) == LOG_LEVELS
     assert TRACE == 5 < LEVELS["debug"]
+
+
+def test_vmc_run_reads_its_configuration_before_any_heavy_import(tmp_path: Path) -> None:
+    """``vmc run`` starts its MDB line process right after reading the configuration
+    (vmc/cli.py ``_prespawn_line``); nothing heavy may be imported before: not asyncio,
+    structlog or the daemon, nor the other sub-commands' modules (bench/footprint.py)."""
+    heavy = ("asyncio", "structlog", "vmc.daemon", "vmc.journal.reports", "vmc.dex.service")
+    script = (
+        "import sys\n"
+        "from vmc.cli import main\n"
+        f"code = main(['run', '--config', {str(tmp_path / 'missing.toml')!r}])\n"
+        f"print(code, [m for m in {heavy!r} if m in sys.modules])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split(maxsplit=1) == ["2", "[]\n"], out.stdout + out.stderr

@@ -7,7 +7,6 @@ the daemon returns.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import json
 import sys
@@ -15,7 +14,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from vmc.config import LOG_FORMATS, LOG_LEVELS, Config, load_config
+from vmc.config import LOG_FORMATS, LOG_LEVEL_NUMBERS, LOG_LEVELS, Config, load_config
 from vmc.errors import ConfigError
 
 __all__ = ["EXIT_CONFIG", "EXIT_INTERRUPTED", "EXIT_OK", "build_parser", "main"]
@@ -79,11 +78,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except ConfigError as error:
         return _report_config_error(error)
-    # Deferred import: configure logging first, and keep check-config free of the daemon.
+    level = args.log_level or config.log.level
+    # First of all, before this process imports anything heavy (asyncio, structlog, the daemon).
+    _prespawn_line(config, LOG_LEVEL_NUMBERS[level])
+    import asyncio
+
+    # Deferred import: keep check-config free of logging set-up and of the daemon.
     from vmc.log import configure_logging
 
-    configure_logging(args.log_level or config.log.level, args.log_format or config.log.format)
-    _prespawn_line(config)
+    configure_logging(level, args.log_format or config.log.format)
     # The daemon module is imported by name so this file type-checks on its own; its contract
     # is ``async def run(config: Config) -> int``.
     daemon = importlib.import_module("vmc.daemon")
@@ -94,12 +97,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
-def _prespawn_line(config: Config) -> None:
+def _prespawn_line(config: Config, log_level: int) -> None:
     """Start the MDB line process before the daemon's imports, so the two overlap (issue 9
     footprint: start to first POLL); the daemon's line master takes it over. Only for a real
     port: a simulated machine's port exists only once the daemon has started its simulator."""
-    import logging
-
     from drivers.mdb.line_spawn import (
         DEVICE_ADDRESSES,
         POLL_COMMANDS,
@@ -119,13 +120,13 @@ def _prespawn_line(config: Config) -> None:
         for name, dev in devices.items()
         if dev.enabled
     )
-    level = logging.getLogger("drivers.mdb").getEffectiveLevel()
     prespawn(
         LineSettings(
             kind=mdb.link,
             port=mdb.port,
             slack_s=mdb.timing_slack_ms / 1000.0,
-            log_level=TRACE_LEVEL if mdb.trace else level,
+            # As the line master will ask: what configure_logging sets (drivers.mdb inherits).
+            log_level=TRACE_LEVEL if mdb.trace else log_level,
             pcap=str(mdb.pcap or ""),
             realtime_priority=mdb.realtime_priority,
         ),
@@ -149,8 +150,9 @@ def _add_plugins(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         add_commands(subparsers)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``vmc`` command, with every available sub-command."""
+def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
+    """The argument parser of the ``vmc`` command, with every available sub-command (without
+    the plugins' when ``plugins`` is false)."""
     parser = argparse.ArgumentParser(
         prog="vmc", description="Controller daemon for smart vending machines."
     )
@@ -174,13 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path, metavar="FILE", help="TOML file")
     check.set_defaults(handler=_cmd_check_config)
 
-    _add_plugins(subparsers)
+    if plugins:
+        _add_plugins(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``vmc`` command line; returns the process exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # ``vmc run`` needs none of the plugins' commands, and importing them (the journal's
+    # reports, the DEX service, ...) would delay its MDB line process (_prespawn_line).
+    parser = build_parser(plugins=argv[:1] != ["run"])
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     return handler(args)

@@ -32,6 +32,7 @@ from vmc.errors import ConfigError, ConfigFileError
 __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "LOG_LEVEL_NUMBERS",
     "QR_TEMPLATE_FIELDS",
     "CloudConfig",
     "Config",
@@ -52,6 +53,14 @@ __all__ = [
 ]
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error")
+#: Their numbers in ``logging`` (trace: below DEBUG, every byte on the MDB line).
+LOG_LEVEL_NUMBERS: Mapping[str, int] = {
+    "trace": 5,
+    "debug": 10,
+    "info": 20,
+    "warning": 30,
+    "error": 40,
+}
 LOG_FORMATS = ("auto", "json", "journal", "console")
 MDB_LINKS = ("uart", "stream")
 MOTOR_DRIVERS = ("vmc96",)

@@ -42,6 +42,7 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from drivers.recurring import FailureLog
+from vmc.config import LOG_LEVEL_NUMBERS
 
 __all__ = [
     "FLOW_IDS",
@@ -61,13 +62,7 @@ __all__ = [
 ]
 
 TRACE = 5
-LEVELS: Mapping[str, int] = {
-    "trace": TRACE,
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
+LEVELS: Mapping[str, int] = LOG_LEVEL_NUMBERS
 #: auto: ``journal`` when stdout is connected to journald, ``console`` on a terminal, ``json``
 #: otherwise. ``journal`` is ``json`` with a syslog level prefix on each line.
 FORMATS = ("auto", "json", "journal", "console")
