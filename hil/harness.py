@@ -239,6 +239,10 @@ class ExternalSims:
                 proc.wait()
 
 
+#: Daemon log lines a failed wait shows.
+LOG_TAIL_LINES = 60
+
+
 class Selection:
     """A selection in progress (``Daemon.select_until_vending``): its answer once it ends."""
 
@@ -324,8 +328,16 @@ class Daemon:
         try:
             wait_until(check, timeout_s, what)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; last state: {seen}") from None
+            raise AssertionError(f"{exc}; last state: {seen}\n{self.log_tail()}") from None
         return seen
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The daemon's last log lines, for a failure message (a CI run keeps no folder)."""
+        try:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError as exc:
+            return f"(no daemon log: {exc})"
+        return "daemon log, last lines:\n" + "\n".join(tail)
 
     def control(self, request: dict[str, Any]) -> dict[str, Any]:
         return call(self.control_socket, request)
