@@ -61,7 +61,7 @@ __all__ = [
     "trace",
 ]
 
-TRACE = 5
+TRACE = LOG_LEVEL_NUMBERS["trace"]
 LEVELS: Mapping[str, int] = LOG_LEVEL_NUMBERS
 #: auto: ``journal`` when stdout is connected to journald, ``console`` on a terminal, ``json``
 #: otherwise. ``journal`` is ``json`` with a syslog level prefix on each line.

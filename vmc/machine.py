@@ -435,15 +435,10 @@ class VendMachine:
             self.publish("vend_started", slot=slot.id, price=price)
             log.info("vend started", slot=slot.id, price=price, method=payment.method)
             try:
-                dropped, reason = await self._dispense_product(slot)
+                dropped, reason, detail = await self._dispense_product(slot)
                 if dropped:
                     return await self._settle(slot, payment, about)
-                if isinstance(reason, TurnOutcomeUnknown):
-                    # The product may have fallen: journaled as interrupted, as a vend a crash
-                    # cut short, never as one that certainly failed.
-                    detail = f"motor board: {reason.cause}"
-                    return await self._refund(slot, payment, about, VEND_INTERRUPTED, detail=detail)
-                return await self._refund(slot, payment, about, reason)
+                return await self._refund(slot, payment, about, reason, detail=detail)
             finally:
                 # Also when a step failed (journal, bug) or the daemon is stopping: the machine
                 # must not stay "busy". An intent left open is resolved by start-up recovery
@@ -481,9 +476,9 @@ class VendMachine:
         self.publish("vend_failed", slot=slot.id, reason=reason, credit=self.credit)
         return {"ok": False, "error": "vend_failed", "message": reason, **answer}
 
-    async def _dispense_product(self, slot: Slot) -> tuple[bool, str | TurnOutcomeUnknown]:
-        """One turn, the drop sensor, one more turn if nothing dropped. (dropped, why not):
-        why as a reason, or the board's failure when the product may have fallen."""
+    async def _dispense_product(self, slot: Slot) -> tuple[bool, str, str]:
+        """One turn, the drop sensor, one more turn if nothing dropped. (dropped, reason,
+        detail): the reason why not, and what failed when that is not certain."""
         assert self.motor is not None
         motor_cfg = self.config.motor
         for turn in (1, 2):
@@ -495,18 +490,20 @@ class VendMachine:
                     drop_timeout_s=motor_cfg.drop_timeout_s,
                 )
             except TurnOutcomeUnknown as exc:
+                # The product may have fallen: journaled as interrupted, as a vend a crash cut
+                # short, never as one that certainly failed.
                 self.set_fault("motor", f"motor board: {exc.cause}")
-                return False, exc
+                return False, VEND_INTERRUPTED, f"motor board: {exc.cause}"
             except MotorError as exc:
                 self.set_fault("motor", f"motor board: {exc}")
-                return False, f"motor board: {exc}"
+                return False, f"motor board: {exc}", ""
             if result.dropped:
-                return True, ""
+                return True, "", ""
             if result.outcome in (MotorOutcome.JAMMED, MotorOutcome.NO_MOTOR):
                 await self._take_slot_out(slot, result.outcome.value)
-                return False, f"{result.outcome.value}: {result.detail}"
+                return False, f"{result.outcome.value}: {result.detail}", ""
             log.info("no drop seen", slot=slot.id, turn=turn, outcome=result.outcome.value)
-        return False, "no product dropped after two turns"
+        return False, "no product dropped after two turns", ""
 
     async def _take_slot_out(self, slot: Slot, why: str) -> None:
         """Out of sale until a restart or a ``set_slot``: not a planogram change."""

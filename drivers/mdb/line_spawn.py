@@ -7,7 +7,7 @@ its configuration) calls :func:`prespawn`; the ``LineProcessMaster`` that later 
 with the same settings takes that one over (:func:`take_prespawned`) instead of starting
 another, so the two starts overlap. One that is never taken is killed at exit.
 
-An early child can also start the devices' start-up while the daemon imports (``EarlyStart``):
+An early child can also start the devices' start-up while the daemon imports (``EarlyDevice``):
 the bus reset where the link carries one, each device's RESET, then its POLLs at its interval
 until it answers with something (JUST RESET), which waits for the daemon as an autopoll result
 (drivers/mdb/autopoll.py). The daemon's device then goes on from there
@@ -93,7 +93,6 @@ class Prespawned:
     settings: LineSettings
     process: subprocess.Popen[bytes]
     parent_sock: socket.socket
-    early: tuple[EarlyDevice, ...] = ()
 
 
 _waiting: Prespawned | None = None
@@ -120,7 +119,7 @@ def prespawn(settings: LineSettings, early: tuple[EarlyDevice, ...] = ()) -> Non
         return  # the master starts its own child, and reports the error then
     finally:
         child_sock.close()
-    _waiting = Prespawned(settings, process, parent_sock, early)
+    _waiting = Prespawned(settings, process, parent_sock)
     atexit.register(_kill_unclaimed)
 
 

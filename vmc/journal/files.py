@@ -4,10 +4,12 @@ lock that keeps a second writer out, and free space."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
 import urllib.parse
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -28,6 +30,20 @@ SQLITE_IOERR: Final = 10
 SQLITE_CORRUPT: Final = 11
 SQLITE_CANTOPEN: Final = 14
 SQLITE_NOTADB: Final = 26
+
+
+@contextlib.contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back when anything inside raises (the
+    connection is in autocommit mode: without it each statement would stand alone)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def database_path(state_dir: Path) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from vmc.journal.clock import Clock, SystemClock
-from vmc.journal.files import database_path, open_readonly
+from vmc.journal.files import database_path, open_readonly, write_transaction
 from vmc.journal.reading import (
     RECORD_COLUMNS,
     CounterMismatch,
@@ -493,8 +493,7 @@ class Journal:
                 record = record_from_row(row)
                 merge_deltas(counters, counter_deltas(record))
                 merge_deltas(levels, level_deltas(record))
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(conn):
                 upsert = (
                     "INSERT INTO baseline (kind, name, value) VALUES (?, ?, ?) "
                     "ON CONFLICT(kind, name) DO UPDATE SET value = value + excluded.value"
@@ -507,11 +506,6 @@ class Journal:
                     "UPDATE state SET last_seq = MAX(last_seq, ?) WHERE id = 1",
                     (self._writer.last_seq,),
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
             return len(rows)
 
         def first_seq(conn: sqlite3.Connection) -> int:

@@ -38,6 +38,7 @@ from vmc.journal.files import (
     move_aside,
     read_journal_id_marker,
     write_journal_id_marker,
+    write_transaction,
 )
 from vmc.journal.records import (
     INTENT_TYPES,
@@ -606,8 +607,7 @@ class _Writer(threading.Thread):
             elif p.intent_role in ("close", "resolve"):
                 closed.append((str(p.intent_id),))
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(conn):
                 conn.executemany(
                     "INSERT INTO records (seq, id, boot_id, ts, mono_ns, type, intent_id, data,"
                     " source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -623,11 +623,6 @@ class _Writer(threading.Thread):
                     conn.executemany("DELETE FROM pending_intents WHERE intent_id = ?", closed)
                 self._add_totals(conn, "counters", counters)
                 self._add_totals(conn, "levels", levels)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             self._reconnect_needed |= _primary_code(exc) in RECONNECT_CODES
             self._fail_batch(admitted, JournalUnavailable(f"journal write failed: {exc}"), exc)
@@ -711,17 +706,11 @@ class _Writer(threading.Thread):
                 "INSERT OR REPLACE INTO scratch (id, payload) VALUES (1, zeroblob(?))",
                 "DELETE FROM scratch",
             ):
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with write_transaction(conn):
                     if "?" in statement:
                         conn.execute(statement, (PROBE_BLOB_BYTES,))
                     else:
                         conn.execute(statement)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
         except sqlite3.Error as exc:
             self._reconnect_needed |= _primary_code(exc) in RECONNECT_CODES
             self.set_health(False, f"journal write failed: {exc}")
